@@ -1,0 +1,168 @@
+"""The marker token and the two ways of writing an activation vector into the AV.
+
+The AV prompt holds one marker token per vector (``<concept>{marker}</concept>``). A marker
+is the first codepoint of the configured ranges that the tokenizer encodes as exactly one
+non-special token; its left and right neighbour ids in the canonical prompt are recorded
+("neighbour anchoring"), and a position only counts as a site when both neighbours match.
+
+`ActivationInjector` is attached once per model; `bind(vectors)` sets one vector per site
+(row-major, usually one per row). Sites are found from ``input_ids`` inside every forward by
+a hook on the input embedding, so the same code serves SFT, generation (prefill only: decode
+steps have no sites), log-prob passes and evaluation. The formulas, with ``u = v / ‖v‖``:
+
+* ``replace``:  e_p  ← α · u                  (the embedding at the marker, input of block 0)
+* ``karvonen``: h_p  ← h_p + ‖h_p‖ · u          (output of decoder block ``karvonen_block``)
+
+The Karvonen hook is a forward hook, so gradient checkpointing (which re-runs the block
+during backward) re-applies it identically: the sites of the bound batch are kept until
+the next forward with sites.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from nla.config import NLAError
+from nla.models import decoder_blocks, input_embeddings
+
+InjectionMode = Literal["replace", "karvonen"]
+
+
+@dataclass(frozen=True)
+class Marker:
+    char: str
+    token_id: int
+    left_id: int
+    right_id: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def single_token_id(tokenizer, char: str) -> int | None:
+    """The id of `char` if the tokenizer encodes it alone as exactly one non-special token."""
+    ids = tokenizer.encode(char, add_special_tokens=False)
+    if len(ids) != 1 or ids[0] in set(tokenizer.all_special_ids):
+        return None
+    return ids[0]
+
+
+def choose_marker_char(tokenizer, ranges, marker_char: str | None = None) -> str:
+    """The configured marker, or the first single-token codepoint of `ranges`."""
+    if marker_char is not None:
+        if single_token_id(tokenizer, marker_char) is None:
+            raise NLAError(
+                f"marker {marker_char!r} is not a single token for this tokenizer; "
+                "set injection.marker_char to null to pick one automatically"
+            )
+        return marker_char
+    for lo, hi in ranges:
+        for cp in range(lo, hi + 1):
+            if single_token_id(tokenizer, chr(cp)) is not None:
+                return chr(cp)
+    spans = ", ".join(f"U+{lo:04X}-U+{hi:04X}" for lo, hi in ranges)
+    raise NLAError(f"no codepoint in {spans} is a single token for this tokenizer; set injection.marker_char")
+
+
+def anchor_marker(tokenizer, char: str, canonical_prompt_ids: list[int]) -> Marker:
+    """Record the marker's id and its neighbours in the canonical AV prompt."""
+    token_id = single_token_id(tokenizer, char)
+    if token_id is None:
+        raise NLAError(f"marker {char!r} is not a single token for this tokenizer; set injection.marker_char to null")
+    positions = [i for i, t in enumerate(canonical_prompt_ids) if t == token_id]
+    if len(positions) != 1:
+        raise NLAError(
+            f"the AV prompt must contain the marker {char!r} exactly once as its own token (found {len(positions)}); "
+            "keep '{marker}' in prompts.av_user between non-letter characters"
+        )
+    p = positions[0]
+    if p == 0 or p == len(canonical_prompt_ids) - 1:
+        raise NLAError("the marker must not be the first or last token of the AV prompt; add text around '{marker}'")
+    return Marker(char, token_id, canonical_prompt_ids[p - 1], canonical_prompt_ids[p + 1])
+
+
+def find_sites(input_ids: torch.Tensor, marker: Marker) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of anchored marker sites, row-major. Needs both neighbours to match."""
+    ids = input_ids
+    if ids.shape[1] < 3:
+        empty = torch.empty(0, dtype=torch.long, device=ids.device)
+        return empty, empty
+    hit = ids[:, 1:-1] == marker.token_id
+    hit &= ids[:, :-2] == marker.left_id
+    hit &= ids[:, 2:] == marker.right_id
+    rows, cols = hit.nonzero(as_tuple=True)
+    return rows, cols + 1
+
+
+def unit(vectors: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def inject_replace(embeds: torch.Tensor, rows, cols, vectors: torch.Tensor, scale: float) -> torch.Tensor:
+    """e_p ← α · v/‖v‖ at each site (out of place, so autograd and hooks stay intact)."""
+    new = (scale * unit(vectors.float())).to(embeds.dtype)
+    return embeds.index_put((rows, cols), new)
+
+
+def inject_karvonen(hidden: torch.Tensor, rows, cols, vectors: torch.Tensor) -> torch.Tensor:
+    """h_p ← h_p + ‖h_p‖ · v/‖v‖ at each site (norm-matched additive steering)."""
+    h = hidden[rows, cols]
+    new = h + (h.float().norm(dim=-1, keepdim=True) * unit(vectors.float())).to(h.dtype)
+    return hidden.index_put((rows, cols), new)
+
+
+class ActivationInjector:
+    """Hooks that write bound vectors into every AV forward. Attach once, bind per batch."""
+
+    def __init__(self, model: nn.Module, marker: Marker, mode: InjectionMode, scale: float | None = None, karvonen_block: int = 1):
+        if mode == "replace" and scale is None:
+            raise NLAError("injection.scale is required for mode 'replace'; run `nla sweep-alpha` or set it")
+        if mode not in ("replace", "karvonen"):
+            raise NLAError(f"unknown injection mode {mode!r}; use 'replace' or 'karvonen'")
+        self.marker, self.mode, self.scale = marker, mode, scale
+        self.vectors: torch.Tensor | None = None
+        self._sites: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._handles = [input_embeddings(model).register_forward_hook(self._on_embeddings)]
+        if mode == "karvonen":
+            self._handles.append(decoder_blocks(model)[karvonen_block].register_forward_hook(self._on_block))
+
+    def bind(self, vectors: torch.Tensor | None) -> None:
+        """Set the vectors for the next forward passes (one per site, row-major); None disables."""
+        self.vectors = None if vectors is None else vectors.detach()
+        self._sites = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _on_embeddings(self, module, inputs, output):
+        if self.vectors is None:
+            return None
+        input_ids = inputs[0] if inputs else None
+        if input_ids is None or not torch.is_tensor(input_ids) or input_ids.dtype not in (torch.long, torch.int):
+            raise NLAError("AV forward without input_ids: injection needs token ids to find marker sites")
+        rows, cols = find_sites(input_ids, self.marker)
+        if rows.numel() == 0 and input_ids.shape[1] == 1:
+            self._sites = None  # a decode step: the prompt (and its sites) is already in the KV cache
+            return None
+        if rows.numel() != self.vectors.shape[0]:
+            raise NLAError(
+                f"found {rows.numel()} marker sites for {self.vectors.shape[0]} vectors; "
+                "each AV prompt must hold the anchored marker exactly once per vector"
+            )
+        self._sites = (rows, cols)
+        if self.mode == "replace":
+            return inject_replace(output, rows, cols, self.vectors.to(output.device), float(self.scale))
+        return None
+
+    def _on_block(self, module, inputs, output):
+        if self.vectors is None or self._sites is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = inject_karvonen(hidden, *self._sites, self.vectors.to(hidden.device))
+        return (new, *output[1:]) if isinstance(output, tuple) else new

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random models of each architecture and the embedded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+
+
+def tiny_model(arch: str, seed: int = 0):
+    """A randomly initialised causal LM of `arch` (llama | qwen3 | gemma3), float32, eval mode."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen3Config
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        config = LlamaConfig(**TINY)
+    elif arch == "qwen3":
+        config = Qwen3Config(**TINY, head_dim=16)
+    elif arch == "gemma3":
+        config = Gemma3TextConfig(**TINY, head_dim=16, sliding_window=64)
+    else:
+        raise ValueError(arch)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.fixture(params=["llama", "qwen3", "gemma3"])
+def tiny_arch_model(request):
+    return request.param, tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """(model, tokenizer, source) of the embedded SmolLM2-135M-Instruct, loaded once per session."""
+    from nla.config import ModelConfig
+    from nla.models import load_model
+
+    return load_model(ModelConfig())

@@ -1,0 +1,152 @@
+"""Corpus, extract and split: exact vectors, deterministic positions, disjoint splits, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from nla.config import CorpusConfig, NLAConfig, NLAError
+from nla.corpus import embedded_corpus_path, load_documents
+from nla.extract import assign_splits, extract_shard, load_rows, run_extract, run_split, sample_positions
+from nla.io import write_table
+
+
+class ToyTokenizer:
+    """Whitespace tokenizer over a fixed vocabulary, enough to drive extract_shard on tiny models."""
+
+    pad_token_id = 0
+    all_special_ids = [0, 1]
+
+    def __init__(self, docs):
+        words = sorted({w for d in docs for w in d.split()})
+        self.vocab = {w: i + 2 for i, w in enumerate(words)}
+        self.inverse = {i: w for w, i in self.vocab.items()}
+
+    def __call__(self, texts, add_special_tokens=True, truncation=True, max_length=None):
+        ids = [[1] + [self.vocab[w] for w in t.split()][: (max_length or 10**9) - 1] for t in texts]
+        return {"input_ids": ids}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(self.inverse[i] for i in ids if i > 1)
+
+
+def docs_frame(n=6):
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(40)]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(12, 30)))) for _ in range(n)]
+    return pd.DataFrame({"doc_id": [f"doc-{i}" for i in range(n)], "text": texts, "source": "toy"})
+
+
+def toy_cfg(layer=2) -> NLAConfig:
+    cfg = NLAConfig()
+    cfg.model.layer = layer
+    cfg.extract.batch_size = 4
+    cfg.extract.min_position = 2
+    cfg.extract.positions_per_doc = 3
+    return cfg
+
+
+def test_extracted_vectors_equal_full_forward_hidden_states(tiny_arch_model):
+    arch, model = tiny_arch_model
+    docs = docs_frame()
+    tok = ToyTokenizer(docs.text)
+    rows = extract_shard(model, tok, docs, toy_cfg(layer=2))
+    assert len(rows) == 3 * len(docs)
+    for row in rows.itertuples():
+        ids = tok([docs.set_index("doc_id").text[row.doc_id]])["input_ids"][0]
+        with torch.no_grad():
+            full = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[3][0, row.position]
+        np.testing.assert_allclose(row.vector, full.numpy(), rtol=1e-4, atol=1e-4)
+        assert row.norm == pytest.approx(float(np.linalg.norm(row.vector)), rel=1e-5)
+        assert 2 <= row.position < row.n_tokens
+
+
+def test_positions_are_deterministic_and_avoid_special_tokens():
+    ids = [1] + list(range(2, 40))
+    a = sample_positions("doc-7", ids, {1}, 5, 4, seed=0)
+    assert a == sample_positions("doc-7", ids, {1}, 5, 4, seed=0)
+    assert a != sample_positions("doc-8", ids, {1}, 5, 4, seed=0)
+    assert a == sorted(set(a)) and min(a) >= 4
+    special = {ids[p] for p in a[:2]}
+    assert not set(sample_positions("doc-7", ids, special | {1}, 5, 4, 0)) & set(a[:2])
+
+
+def test_positions_do_not_depend_on_sharding_or_batching(tiny_arch_model):
+    _, model = tiny_arch_model
+    docs = docs_frame(8)
+    tok = ToyTokenizer(docs.text)
+    cfg = toy_cfg()
+    whole = extract_shard(model, tok, docs, cfg)
+    cfg.extract.batch_size = 3
+    parts = pd.concat([extract_shard(model, tok, docs.iloc[:3], cfg), extract_shard(model, tok, docs.iloc[3:], cfg)])
+    key = ["doc_id", "position"]
+    a, b = whole.sort_values(key).reset_index(drop=True), parts.sort_values(key).reset_index(drop=True)
+    assert a.row_id.tolist() == b.row_id.tolist()
+    np.testing.assert_allclose(np.stack(a.vector), np.stack(b.vector), rtol=1e-4, atol=1e-4)
+
+
+def test_splits_are_disjoint_by_document_and_follow_fractions():
+    doc_ids = [f"d{i}" for i in range(200) for _ in range(3)]
+    fractions = {"av_sft": 0.4, "ar_sft": 0.3, "rl": 0.2, "eval": 0.1}
+    assignment = assign_splits(doc_ids, fractions, seed=1)
+    assert set(assignment) == set(doc_ids)
+    counts = pd.Series(assignment).value_counts()
+    assert counts.to_dict() == {"av_sft": 80, "ar_sft": 60, "rl": 40, "eval": 20}
+    assert assignment == assign_splits(list(reversed(doc_ids)), fractions, seed=1)
+
+
+def test_corpus_sources(tmp_path):
+    assert embedded_corpus_path().name == "lee_background.cor"
+    docs = load_documents(CorpusConfig(max_docs=5))
+    assert len(docs) == 5 and docs.text.str.len().min() >= 200
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"body": "word " * 60}) for _ in range(3)))
+    assert len(load_documents(CorpusConfig(source=str(jsonl), text_field="body"))) == 3
+    latin = tmp_path / "c.txt"
+    latin.write_bytes("caf\xe9 ".encode("latin1") * 100)
+    with pytest.raises(NLAError, match="not UTF-8"):
+        load_documents(CorpusConfig(source=str(latin)))
+    with pytest.raises(NLAError, match="no string field 'text'"):
+        load_documents(CorpusConfig(source=str(jsonl)))
+    huge = tmp_path / "h.txt"
+    huge.write_text("x " * 50_000)
+    assert load_documents(CorpusConfig(source=str(huge), max_chars=1000)).text.str.len().max() == 1000
+
+
+@pytest.mark.slow
+def test_extract_and_split_on_the_embedded_model_resume_after_a_crash(tmp_path, monkeypatch):
+    cfg = NLAConfig()
+    cfg.corpus.max_docs = 6
+    cfg.extract.shard_docs = 2
+    cfg.extract.max_tokens = 32
+    docs = load_documents(cfg.corpus)
+    write_table(tmp_path / "docs.parquet", docs)
+
+    import nla.extract as extract
+
+    real, calls = extract.extract_shard, []
+
+    def crash_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(extract, "extract_shard", crash_on_third)
+    with pytest.raises(RuntimeError):
+        run_extract(cfg, tmp_path / "docs.parquet", tmp_path / "act", tmp_path / "work")
+    assert not (tmp_path / "act" / "activations.parquet").exists()
+    calls.clear()
+    monkeypatch.setattr(extract, "extract_shard", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    table = run_extract(cfg, tmp_path / "docs.parquet", tmp_path / "act", tmp_path / "work")
+    assert len(calls) == 1  # two finished shards were kept
+    assert len(table) == 6 * cfg.extract.positions_per_doc and table.norm.gt(0).all()
+    run_split(cfg, tmp_path / "act", tmp_path / "split")
+    rows = load_rows(tmp_path / "act", tmp_path / "split", d_model=576, layer=20)
+    assert rows.groupby("doc_id").split.nunique().max() == 1
+    with pytest.raises(NLAError, match="sidecar d_model=576"):
+        load_rows(tmp_path / "act", tmp_path / "split", d_model=64)
