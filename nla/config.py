@@ -24,7 +24,7 @@ class NLAError(RuntimeError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -82,29 +82,58 @@ class OpenAIBackendConfig(Section):
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(5, ge=0)
     backoff_s: float = Field(1.0, ge=0)
+    max_tokens: int = Field(256, ge=16)  # completion budget per request (a strong labeler writes more than 135M)
 
 
 class LabelConfig(Section):
-    backend: Literal["local", "openai", "baseline"] = "local"
+    # CPU default: the deterministic baseline (the local 135M labeler costs ~4 min here and writes
+    # weaker labels); the gpu profile uses the local chat model, any server works through `openai`.
+    backend: Literal["local", "openai", "baseline"] = "baseline"
     local_model: str = "embedded"  # model for the local backend (same forms as model.name)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # local backend; "auto": as model.dtype
     splits: list[str] = Field(default_factory=lambda: ["av_sft", "ar_sft", "eval"])
-    context_tokens: int = Field(64, ge=1)  # how much of the prefix the labeler sees
-    max_new_tokens: int = Field(64, ge=8)
+    context_tokens: int = Field(48, ge=1)  # how much of the prefix the labeler sees
+    max_new_tokens: int = Field(48, ge=8)
     temperature: float = Field(0.0, ge=0)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(64, ge=1)  # wide batches amortise each decoding step's weight reads
     min_features: int = Field(2, ge=1)
     cache_dir: str = "data/cache/label"
+    seed: int = 0  # sampling seed of the local backend when temperature > 0
+    # The paper-style warm-start prompt: `instruction` is the system turn, `user_template` one row's user turn.
+    instruction: str = (
+        "You explain what a language model is paying attention to while it reads a text. Given the text and its "
+        "final token, name the 2 or 3 features of the text that a language model would use to predict what comes "
+        "next; the last feature describes the final token. Write one short line per feature inside "
+        "<analysis></analysis>, with no other text."
+    )
+    user_template: str = 'Text: "{context}"\nFinal token: {token}'
     openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig)
+
+    @model_validator(mode="after")
+    def _check_template(self) -> LabelConfig:
+        for slot in ("{context}", "{token}"):
+            if self.user_template.count(slot) != 1:
+                raise ValueError(f"label.user_template must contain '{slot}' exactly once")
+        return self
 
 
 class QualityConfig(Section):
-    norm_quantile_low: float = Field(0.001, ge=0, le=1)
-    norm_quantile_high: float = Field(0.999, ge=0, le=1)
-    norm_margin: float = Field(0.5, ge=0)  # bounds widened by this fraction of the range
+    # Norm bounds (log space): [q_low / r**margin, q_high * r**margin] with r = q_high / q_low, the quantiles
+    # taken inward so the most extreme rows never set their own bound (up to 1% bad rows at 0.01/0.99).
+    norm_quantile_low: float = Field(0.01, ge=0, lt=0.5)
+    norm_quantile_high: float = Field(0.99, gt=0.5, le=1)
+    norm_margin: float = Field(1.0, ge=0)
+    max_norm_rel_error: float = Field(1e-3, ge=0)  # stored `norm` column vs the vector's recomputed norm
     min_explanation_tokens: int = Field(4, ge=1)
     max_explanation_tokens: int = Field(160, ge=1)
     max_duplicate_rate: float = Field(0.5, ge=0, le=1)
     min_features: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> QualityConfig:
+        if self.min_explanation_tokens > self.max_explanation_tokens:
+            raise ValueError("quality.min_explanation_tokens must not exceed quality.max_explanation_tokens")
+        return self
 
 
 class InjectionConfig(Section):
@@ -112,9 +141,7 @@ class InjectionConfig(Section):
     scale: float | None = Field(None, gt=0)  # alpha for `replace`; None: 75th pct of norms
     karvonen_block: int = Field(1, ge=0)  # Karvonen adds at the output of this block
     marker_char: str | None = None  # None: first single-token codepoint of marker_ranges
-    marker_ranges: list[tuple[int, int]] = Field(
-        default_factory=lambda: [(0x3200, 0x33FF), (0x2500, 0x25FF)]
-    )
+    marker_ranges: list[tuple[int, int]] = Field(default_factory=lambda: [(0x3200, 0x33FF), (0x2500, 0x25FF)])
 
 
 class LoraConfig(Section):
@@ -129,8 +156,8 @@ class LoraConfig(Section):
 
 class AVSFTConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    learning_rate: float = Field(5e-4, gt=0)
-    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    epochs: float = Field(0.6, gt=0)  # ~30 steps: sized for <= 4 min on 2 CPU cores (405 rows, ~100 tokens each)
     max_steps: int = -1
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -138,41 +165,53 @@ class AVSFTConfig(Section):
     gradient_checkpointing: bool = False
     merge: bool = False  # also save merged full weights
     seed: int = 0
-    alpha_sweep: list[float] = Field(default_factory=list)  # empty: no sweep
+    max_length: int = Field(160, ge=16)  # prompt + completion tokens; longer targets are cut at the end
+    alpha_sweep: list[float] = Field(default_factory=list)  # α grid for `nla sweep-alpha`; empty: around q75 norm
+    sweep_steps: int = Field(8, ge=1)  # SFT steps per α in the sweep
+    sweep_eval_rows: int = Field(32, ge=2)  # held-out av_sft rows (whole documents) scoring each α
 
 
 class ARSFTConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    learning_rate: float = Field(5e-4, gt=0)
-    head_learning_rate: float = Field(1e-3, gt=0)
-    epochs: float = Field(2.0, gt=0)
-    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)  # LoRA/backbone; tuned on the embedded run (held-out FVE)
+    head_learning_rate: float = Field(3e-3, gt=0)
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = Field(8, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_explanation_tokens: int = Field(160, ge=1)  # longer explanations are cut (recorded in the sidecar)
+    train_last_blocks: int | None = Field(None, ge=1)  # adapt only the top N of the K+1 blocks (cheaper backward)
     gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(
+        25, ge=1
+    )  # steps between mid-run checkpoints (data/work/ar_sft): a killed run resumes
     seed: int = 0
 
 
 class RLConfig(Section):
-    steps: int = Field(20, ge=0)
+    steps: int = Field(10, ge=0)
     prompts_per_step: int = Field(4, ge=1)
     group_size: int = Field(4, ge=2)
     actor_learning_rate: float = Field(1e-4, gt=0)
     ar_learning_rate: float = Field(1e-4, gt=0)
     beta: float = Field(0.02, ge=0)  # KL(k3) weight to the frozen SFT AV
     epsilon: float = Field(0.2, gt=0)  # clip range of the policy ratio
+    max_grad_norm: float = Field(1.0, gt=0)  # gradient-norm clip of each AV and AR update
     temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(48, ge=4)
+    max_new_tokens: int = Field(40, ge=4)
     length_cap_penalty: float = Field(0.5, ge=0)  # subtracted when an explanation hits the cap
     per_token_penalty: float = Field(0.0, ge=0)
     reward: Literal["neg_mse", "neg_log_mse"] = "neg_mse"
     malformed_reward: float = -2.0
-    eval_every: int = Field(10, ge=1)
+    eval_every: int = Field(5, ge=1)
     eval_rows: int = Field(32, ge=1)
     checkpoint_every: int = Field(5, ge=1)
     seed: int = 0
 
 
 class EvaluateConfig(Section):
-    max_rows: int = Field(128, ge=1)
+    max_rows: int = Field(96, ge=1)  # eval rows used (fixed-seed sample); sized for <= 2 min on 2 CPU cores
     max_new_tokens: int = Field(48, ge=4)
     batch_size: int = Field(16, ge=1)
     n_samples: int = Field(20, ge=0)
@@ -239,6 +278,7 @@ class Paths:
     plots: str = "plots"
     reports: str = "reports"
     publish: str = "data/publish"
+    alpha_sweep: str = "reports/alpha_sweep.json"
     work: str = "data/work"
 
 
@@ -261,7 +301,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise NLAError(f"{path}: file not found; run from the project root or pass --params") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+    except IsADirectoryError:
+        raise NLAError(f"{path} is a folder, not a params file; pass the YAML file with --params") from None
+    except OSError as err:
+        raise NLAError(f"{path}: cannot read ({err.strerror}); check the path and its permissions") from None
+    # ValueError: an impossible date such as 2024-02-30; RecursionError: absurdly deep nesting.
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise NLAError(f"{path}: not valid YAML ({first}); fix the syntax") from None
     if not isinstance(data, dict):
@@ -272,10 +317,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def format_validation_error(err: ValidationError, source: str) -> str:
     """One line per ValidationError, naming the dotted key and what to do."""
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    key = " ".join(".".join(str(p) for p in first["loc"]).split()) or "<root>"  # one line even for odd keys
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'; check its spelling against params.yaml"
-    return f"{source}: invalid value for '{key}': {first['msg']}; fix it in {source}"
+    return f"{source}: invalid value for '{key}': {' '.join(first['msg'].removeprefix('Value error, ').split())}; fix it in {source}"
 
 
 def config_from_dict(data: dict[str, Any], source: str = "params") -> NLAConfig:
@@ -292,10 +337,47 @@ def load_config(params_path: str | os.PathLike = PARAMS_FILE, profile: str | Non
     if profile:
         profile_path = params_path.parent / PROFILE_DIR / f"{profile}.yaml"
         if not profile_path.exists():
-            raise NLAError(f"profile '{profile}' not found at {profile_path}; use one of {list_profiles(params_path.parent)}")
+            raise NLAError(
+                f"profile '{profile}' not found at {profile_path}; use one of {list_profiles(params_path.parent)}"
+            )
         data = deep_merge(data, _read_yaml(profile_path))
     return config_from_dict(data, str(params_path) + (f" + profile {profile}" if profile else ""))
 
 
 def list_profiles(root: str | os.PathLike = ".") -> list[str]:
     return sorted(p.stem for p in (Path(root) / PROFILE_DIR).glob("*.yaml"))
+
+
+def apply_profile(profile: str, params_path: str | os.PathLike = PARAMS_FILE) -> NLAConfig:
+    """Merge profiles/<profile>.yaml into params.yaml itself (atomically), so DVC sees the real params.
+
+    `--profile` only overlays in memory, which DVC cannot track; applying the profile makes
+    `dvc repro` rerun exactly the stages whose params changed.
+    """
+    params_path = Path(params_path)
+    profile_path = params_path.parent / PROFILE_DIR / f"{profile}.yaml"
+    if not profile_path.exists():
+        raise NLAError(
+            f"profile '{profile}' not found at {profile_path}; use one of {list_profiles(params_path.parent)}"
+        )
+    return _write_merged(params_path, _read_yaml(profile_path))
+
+
+def set_param(params_path: str | os.PathLike, dotted_key: str, value: Any) -> NLAConfig:
+    """Set one params.yaml key (e.g. ``injection.scale``), validated, atomically, comments above kept."""
+    section, _, key = dotted_key.rpartition(".")
+    overlay: dict[str, Any] = {key: value}
+    for part in reversed(section.split(".")) if section else []:
+        overlay = {part: overlay}
+    return _write_merged(Path(params_path), overlay)
+
+
+def _write_merged(params_path: Path, overlay: dict[str, Any]) -> NLAConfig:
+    from nla.io import atomic_write_text
+
+    merged = deep_merge(_read_yaml(params_path), overlay)
+    cfg = config_from_dict(merged, str(params_path))
+    lines = params_path.read_text(encoding="utf-8").splitlines(keepends=True)
+    header = "".join(lines[: next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))])
+    atomic_write_text(params_path, header + yaml.safe_dump(merged, sort_keys=False, allow_unicode=True, width=120))
+    return cfg

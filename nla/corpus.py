@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from nla.config import CorpusConfig, NLAError
-from nla.io import write_table
+from nla.io import read_table, write_table
 
 EMBEDDED_CORPUS = ("gensim", "test/test_data/lee_background.cor")
 EMBEDDED_INSTALL_HINT = "pip install gensim"
@@ -61,7 +61,7 @@ def _texts_from_file(path: Path, text_field: str) -> list[str]:
             texts.append(record[text_field])
         return texts
     if suffix == ".parquet":
-        frame = pd.read_parquet(path)
+        frame = read_table(path)
         if text_field not in frame.columns:
             raise NLAError(f"{path} has no column '{text_field}' (has {list(frame.columns)}); set corpus.text_field")
         return [str(t) for t in frame[text_field]]

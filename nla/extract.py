@@ -47,8 +47,10 @@ def sample_positions(doc_id: str, token_ids: list[int], special_ids: set[int], k
     return sorted(candidates[i] for i in chosen)
 
 
-def _config_key(cfg: NLAConfig, fingerprint: str) -> str:
-    blob = json.dumps([cfg.model.model_dump(), cfg.extract.model_dump(), fingerprint], sort_keys=True)
+def _config_key(cfg: NLAConfig, fingerprint: str, docs: pd.DataFrame) -> str:
+    """Names the shard folder: shards of a crashed run are reused only for the same model, params and documents."""
+    documents = hashlib.sha256("\0".join(docs.doc_id + "\t" + docs.text).encode()).hexdigest()
+    blob = json.dumps([cfg.model.model_dump(), cfg.extract.model_dump(), fingerprint, documents], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -90,12 +92,22 @@ def extract_shard(model, tokenizer, docs: pd.DataFrame, cfg: NLAConfig) -> pd.Da
     return pd.DataFrame(rows)
 
 
+def check_finite(rows: pd.DataFrame) -> None:
+    """Refuse NaN/Inf activations (fp16 overflow, broken weights) with the rows that have them."""
+    if len(rows) == 0:
+        return
+    finite = np.isfinite(np.stack(rows.vector.to_numpy())).all(axis=1)
+    if not finite.all():
+        bad = rows.row_id[~finite].tolist()[:5]
+        raise NLAError(f"non-finite activations in rows {bad}; use float32 (model.dtype) or another layer")
+
+
 def run_extract(cfg: NLAConfig, documents_path: str | Path, out_dir: str | Path, work_dir: str | Path = "data/work/extract") -> pd.DataFrame:
     """Extract activations for every document, resuming from finished shards."""
     docs = read_table(documents_path)
     model, tokenizer, source = load_model(cfg.model)
     check_layer(model, cfg.model.layer)
-    key = _config_key(cfg, source.fingerprint)
+    key = _config_key(cfg, source.fingerprint, docs)
     shard_dir = Path(work_dir) / key
     shard_dir.mkdir(parents=True, exist_ok=True)
     n_shards = (len(docs) + cfg.extract.shard_docs - 1) // cfg.extract.shard_docs
@@ -105,14 +117,12 @@ def run_extract(cfg: NLAConfig, documents_path: str | Path, out_dir: str | Path,
         path = shard_dir / f"shard-{s:05d}.parquet"
         if not path.exists():
             part = docs.iloc[s * cfg.extract.shard_docs : (s + 1) * cfg.extract.shard_docs]
-            write_table(path, extract_shard(model, tokenizer, part, cfg))
+            shard = extract_shard(model, tokenizer, part, cfg)
+            check_finite(shard)  # before the shard is kept: a resumed run must never reuse bad rows
+            write_table(path, shard)
         frames.append(read_table(path))
         bar.set_postfix(rows=sum(len(f) for f in frames))
     table = pd.concat(frames, ignore_index=True)
-    vectors = np.stack(table.vector.to_numpy())
-    if not np.isfinite(vectors).all():
-        bad = table.row_id[~np.isfinite(vectors).all(axis=1)].tolist()[:5]
-        raise NLAError(f"non-finite activations in rows {bad}; use float32 (model.dtype) or another layer")
     out_dir = Path(out_dir)
     write_table(out_dir / ACTIVATIONS_FILE, table)
     write_sidecar(out_dir, make_meta(

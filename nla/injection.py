@@ -13,13 +13,20 @@ steps have no sites), log-prob passes and evaluation. The formulas, with ``u = v
 * ``replace``:  e_p  ← α · u                  (the embedding at the marker, input of block 0)
 * ``karvonen``: h_p  ← h_p + ‖h_p‖ · u          (output of decoder block ``karvonen_block``)
 
-The Karvonen hook is a forward hook, so gradient checkpointing (which re-runs the block
-during backward) re-applies it identically: the sites of the bound batch are kept until
-the next forward with sites.
+``replace`` writes into the *output* of the input-embedding module, i.e. the input of block
+0. Models that scale embeddings inside that module (Gemma: × √d) have already scaled the
+output, so the block-0 input at the marker is exactly ``α · u`` for every architecture.
+
+Gradient checkpointing: transformers checkpoints a block's ``forward``, not its hooks, so
+the Karvonen addition runs once, outside the checkpoint, and autograd differentiates it
+like any op; if a wrapper did re-run the hook, it would re-apply the same stored sites.
+A forward that bypasses the embedding (``inputs_embeds``) while vectors are bound raises
+instead of silently running without injection.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -42,6 +49,10 @@ class Marker:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Marker:
+        return cls(str(data["char"]), int(data["token_id"]), int(data["left_id"]), int(data["right_id"]))
+
 
 def single_token_id(tokenizer, char: str) -> int | None:
     """The id of `char` if the tokenizer encodes it alone as exactly one non-special token."""
@@ -51,8 +62,11 @@ def single_token_id(tokenizer, char: str) -> int | None:
     return ids[0]
 
 
+_MARKER_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {ranges: char}
+
+
 def choose_marker_char(tokenizer, ranges, marker_char: str | None = None) -> str:
-    """The configured marker, or the first single-token codepoint of `ranges`."""
+    """The configured marker, or the first single-token codepoint of `ranges` (cached per tokenizer)."""
     if marker_char is not None:
         if single_token_id(tokenizer, marker_char) is None:
             raise NLAError(
@@ -60,9 +74,14 @@ def choose_marker_char(tokenizer, ranges, marker_char: str | None = None) -> str
                 "set injection.marker_char to null to pick one automatically"
             )
         return marker_char
-    for lo, hi in ranges:
+    key = tuple((int(lo), int(hi)) for lo, hi in ranges)
+    cache = _MARKER_CACHE.setdefault(tokenizer, {})
+    if key in cache:
+        return cache[key]
+    for lo, hi in key:
         for cp in range(lo, hi + 1):
             if single_token_id(tokenizer, chr(cp)) is not None:
+                cache[key] = chr(cp)
                 return chr(cp)
     spans = ", ".join(f"U+{lo:04X}-U+{hi:04X}" for lo, hi in ranges)
     raise NLAError(f"no codepoint in {spans} is a single token for this tokenizer; set injection.marker_char")
@@ -116,22 +135,40 @@ def inject_karvonen(hidden: torch.Tensor, rows, cols, vectors: torch.Tensor) -> 
 
 
 class ActivationInjector:
-    """Hooks that write bound vectors into every AV forward. Attach once, bind per batch."""
+    """Hooks that write bound vectors into every AV forward. Attach once, bind per batch.
 
-    def __init__(self, model: nn.Module, marker: Marker, mode: InjectionMode, scale: float | None = None, karvonen_block: int = 1):
-        if mode == "replace" and scale is None:
-            raise NLAError("injection.scale is required for mode 'replace'; run `nla sweep-alpha` or set it")
+    `n_injections` counts forwards that wrote vectors (prefill yes, decode steps no): a
+    cheap way for tests and logs to see where injection happened.
+    """
+
+    def __init__(
+        self, model: nn.Module, marker: Marker, mode: InjectionMode, scale: float | None = None, karvonen_block: int = 1
+    ):
         if mode not in ("replace", "karvonen"):
             raise NLAError(f"unknown injection mode {mode!r}; use 'replace' or 'karvonen'")
-        self.marker, self.mode, self.scale = marker, mode, scale
+        if mode == "replace" and scale is None:
+            raise NLAError("injection.scale is required for mode 'replace'; run `nla sweep-alpha` or set it")
+        blocks = decoder_blocks(model)
+        if mode == "karvonen" and not 0 <= karvonen_block < len(blocks):
+            raise NLAError(
+                f"injection.karvonen_block={karvonen_block} is out of range for {len(blocks)} blocks; "
+                f"set it to 0..{len(blocks) - 1}"
+            )
+        self.marker, self.mode, self.scale, self.karvonen_block = marker, mode, scale, karvonen_block
         self.vectors: torch.Tensor | None = None
+        self.n_injections = 0
         self._sites: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._handles = [input_embeddings(model).register_forward_hook(self._on_embeddings)]
+        self._handles = [
+            model.register_forward_pre_hook(self._on_model, with_kwargs=True),
+            input_embeddings(model).register_forward_hook(self._on_embeddings),
+        ]
         if mode == "karvonen":
-            self._handles.append(decoder_blocks(model)[karvonen_block].register_forward_hook(self._on_block))
+            self._handles.append(blocks[karvonen_block].register_forward_hook(self._on_block))
 
     def bind(self, vectors: torch.Tensor | None) -> None:
         """Set the vectors for the next forward passes (one per site, row-major); None disables."""
+        if vectors is not None and (vectors.ndim != 2 or not torch.isfinite(vectors).all()):
+            raise NLAError(f"bind() needs a finite (n_sites, d_model) tensor, got shape {tuple(vectors.shape)}")
         self.vectors = None if vectors is None else vectors.detach()
         self._sites = None
 
@@ -139,6 +176,10 @@ class ActivationInjector:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def _on_model(self, module, args, kwargs):
+        if self.vectors is not None and kwargs.get("inputs_embeds") is not None:
+            raise NLAError("AV forward with inputs_embeds: injection needs input_ids to find marker sites")
 
     def _on_embeddings(self, module, inputs, output):
         if self.vectors is None:
@@ -155,7 +196,13 @@ class ActivationInjector:
                 f"found {rows.numel()} marker sites for {self.vectors.shape[0]} vectors; "
                 "each AV prompt must hold the anchored marker exactly once per vector"
             )
+        if self.vectors.shape[1] != output.shape[-1]:
+            raise NLAError(
+                f"vectors have d={self.vectors.shape[1]} but the model has d_model={output.shape[-1]}; "
+                "use activations extracted from this AV's base model and layer"
+            )
         self._sites = (rows, cols)
+        self.n_injections += 1
         if self.mode == "replace":
             return inject_replace(output, rows, cols, self.vectors.to(output.device), float(self.scale))
         return None

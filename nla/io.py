@@ -11,14 +11,17 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from nla.config import NLAError
 
 
 @contextmanager
@@ -80,7 +83,14 @@ def write_table(path: str | Path, frame: pd.DataFrame) -> None:
 
 
 def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
-    return pq.read_table(path, columns=columns).to_pandas()
+    """A parquet table; a missing or unreadable file is an NLAError that says which stage to run."""
+    if not Path(path).is_file():
+        raise NLAError(f"{path} not found; run the stage that writes it first (`dvc repro` runs them in order)")
+    try:
+        return pq.read_table(path, columns=columns).to_pandas()
+    except (pa.ArrowException, OSError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise NLAError(f"{path} is not a readable table ({first}); delete it and rerun the stage that writes it") from None
 
 
 def vectors_of(frame: pd.DataFrame, column: str = "vector") -> np.ndarray:

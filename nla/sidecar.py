@@ -40,7 +40,7 @@ def make_meta(kind: str, stage: str, **fields: Any) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "stage": stage,
         "git_commit": git_commit(),
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     meta.update(fields)
     return meta
@@ -65,7 +65,10 @@ def read_sidecar(folder: str | Path) -> dict[str, Any]:
         raise NLAError(f"{path} is missing; rebuild the artifact with its stage (e.g. `dvc repro`)")
     try:
         meta = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+    except OSError as err:
+        raise NLAError(f"{path}: cannot read ({err.strerror}); check its permissions") from None
+    # ValueError: an impossible date such as 2024-02-30; RecursionError: absurdly deep nesting.
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as err:
         raise NLAError(f"{path} is not valid YAML ({type(err).__name__}); rebuild the artifact") from None
     if not isinstance(meta, dict):
         raise NLAError(f"{path} must be a mapping; rebuild the artifact")
@@ -79,6 +82,8 @@ def read_sidecar(folder: str | Path) -> dict[str, Any]:
     for key in ("d_model", "layer"):
         if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 0:
             raise NLAError(f"{path}: {key} must be a non-negative integer; rebuild the artifact")
+    if meta.get("marker") is not None and not isinstance(meta["marker"], dict):
+        raise NLAError(f"{path}: marker must be a mapping (char, token_id, left_id, right_id); rebuild the artifact")
     return meta
 
 

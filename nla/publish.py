@@ -1,0 +1,331 @@
+"""The publish stage: one Hub-ready folder per model (AV and AR); upload only when enabled.
+
+Each folder holds safetensors weights, the tokenizer, the checkpoint's `nla_meta.yaml` and a
+model card (README.md) whose YAML header carries base_model, library_name, tags, the layer,
+the injection and the eval results (model-index) from the metrics file. The AV is merged
+into full weights when `publish.merge_weights` (a plain transformers model: `load_av` needs
+no base model for it), else it ships as adapter + base reference. The AR always ships as
+adapter (or backbone) + head + ū + base reference: it is a truncated copy of the base model
+whose loader rebuilds the architecture from the base anyway, so merging would only inflate
+the upload. Every folder loads back with `load_av` / `load_ar`.
+
+Dry run by default. Uploading needs `publish.enabled: true` and a token in the environment
+variable named by `publish.token_env`; the token is read there, passed to `HfApi`, and never
+written anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from nla.config import NLAConfig, NLAError
+from nla.io import atomic_dir, atomic_write_text, write_json
+from nla.sidecar import SIDECAR_NAME, read_sidecar, write_sidecar
+
+ROLES = ("av", "ar")
+CARD_NAME = "README.md"
+SUMMARY_NAME = "publish.json"
+HUB_IDS = {"embedded": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # Hub id to cite for a local alias
+TAGS = {"av": "activation-verbalizer", "ar": "activation-reconstructor"}
+ROLE_TEXT = {
+    "av": "activation verbalizer (AV): reads a residual-stream activation vector injected at a marker token "
+    "and writes a natural-language explanation of it",
+    "ar": "activation reconstructor (AR): reads an explanation and reconstructs the activation vector it describes",
+}
+SKIPPED = {"merged", "train_log.csv"}  # checkpoint extras that do not belong in a model repo
+
+
+# ----------------------------------------------------------------------------- naming and metrics
+
+
+def hub_base_model(name: str) -> str | None:
+    """The Hub id to cite as base_model: aliases mapped, `owner/name` ids kept, local paths dropped."""
+    if name in HUB_IDS:
+        return HUB_IDS[name]
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
+        return name
+    return None
+
+
+def repo_name(cfg: NLAConfig, meta: dict[str, Any], role: str) -> str:
+    """e.g. nla-smollm2-135m-instruct-l20-av (namespace added at upload)."""
+    base = (hub_base_model(meta["base_model"]) or Path(meta["base_model"]).stem).split("/")[-1]
+    return re.sub(r"[^a-z0-9._-]+", "-", f"{cfg.publish.repo_prefix}-{base}-l{meta['layer']}-{role}".lower())
+
+
+def eval_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The FVE/MSE numbers of the metrics file, flattened to dotted keys (as `dvc metrics show`)."""
+    flat: dict[str, float] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                flat[f"{prefix}{key}"] = float(value)
+
+    walk(metrics, "")
+    return {k: v for k, v in flat.items() if any(re.match(r"(fve|mse)", part) for part in k.split("."))}
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def _copy_files(src: Path, dest: Path) -> None:
+    """The checkpoint's top-level files (weights, tokenizer, sidecar), not its extras."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in sorted(src.iterdir()):
+        if path.is_file() and path.name not in SKIPPED and not path.name.startswith("."):
+            shutil.copy2(path, dest / path.name)
+
+
+def _point_adapter_at_hub(dest: Path, meta: dict[str, Any]) -> None:
+    """PEFT records the base as a local path; the published adapter names the Hub id instead."""
+    config_path, hub_id = dest / "adapter_config.json", hub_base_model(meta["base_model"])
+    if config_path.is_file() and hub_id:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = hub_id
+        atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
+
+
+def export_av(checkpoint: Path, dest: Path, merge: bool) -> dict[str, Any]:
+    """Write the AV folder; returns its sidecar. Adapters are merged into full weights when `merge`."""
+    meta = read_sidecar(checkpoint)
+    if meta.get("role") != "av":
+        raise NLAError(f"{checkpoint} holds a {meta.get('role')!r} model, not an AV; pass the AV checkpoint folder")
+    if meta.get("weights") == "adapter" and merge:
+        if (checkpoint / "merged").is_dir():  # av_sft.merge already saved merged weights
+            _copy_files(checkpoint / "merged", dest)
+        else:
+            from nla.av import load_av
+
+            av = load_av(checkpoint)
+            av.injector.remove()  # the hooks are runtime state; the saved weights are plain
+            av.model.merge_and_unload().save_pretrained(dest)
+            av.tokenizer.save_pretrained(dest)
+        meta = {**meta, "weights": "full", "merged_from": "adapter"}
+    else:
+        _copy_files(checkpoint, dest)
+        _point_adapter_at_hub(dest, meta)
+    write_sidecar(dest, meta)
+    return meta
+
+
+def export_ar(checkpoint: Path, dest: Path) -> dict[str, Any]:
+    """Write the AR folder (adapter or backbone, head, ū, tokenizer, sidecar); returns its sidecar."""
+    meta = read_sidecar(checkpoint)
+    if meta.get("role") != "ar":
+        raise NLAError(f"{checkpoint} holds a {meta.get('role')!r} model, not an AR; pass the AR checkpoint folder")
+    _copy_files(checkpoint, dest)
+    _point_adapter_at_hub(dest, meta)
+    return meta
+
+
+# ----------------------------------------------------------------------------- model card
+
+
+def _usage(role: str, repo_id: str, meta: dict[str, Any]) -> str:
+    base, layer, d = meta["base_model"], meta["layer"], meta["d_model"]
+    if role == "av":
+        return f'''```python
+import torch
+from huggingface_hub import snapshot_download
+from nla.av import load_av
+from nla.config import ModelConfig
+from nla.models import load_model, residual_at
+
+av = load_av(snapshot_download("{repo_id}"))
+model, tokenizer, _ = load_model(ModelConfig(name="{base}", layer={layer}))  # the subject model
+ids = tokenizer("The cat sat on the mat and looked out of the", return_tensors="pt").input_ids
+with torch.no_grad():
+    v = residual_at(model, {layer}, ids)[:, -1].float()  # output of block {layer} at the last token, shape (1, {d})
+print(av.generate(v, max_new_tokens=48)[0].text)
+```
+
+From the command line: `nla explain --model <downloaded folder> ...` (see `nla explain --help`).'''
+    return f'''```python
+from huggingface_hub import snapshot_download
+from nla.ar import load_ar
+
+ar = load_ar(snapshot_download("{repo_id}"))
+v_hat = ar.reconstruct(["A news report about a cricket match; the next word is likely a player's name."])
+print(v_hat.shape)  # (1, {d}): the reconstructed output of block {layer} of {base}
+```'''
+
+
+def model_card(role: str, meta: dict[str, Any], repo_id: str, metrics: dict[str, float]):
+    """A huggingface_hub ModelCard: YAML metadata (incl. model-index eval results) + prose + usage."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    injection = meta.get("injection") or {}
+    results = [
+        EvalResult(
+            task_type="feature-extraction",
+            task_name="NLA activation round trip",
+            dataset_type="nla-eval-split",
+            dataset_name=f"held-out eval rows (layer {meta['layer']})",
+            metric_type=key,
+            metric_value=value,
+            metric_name=key,
+        )
+        for key, value in metrics.items()
+    ]
+    adapter = (meta.get("weights") == "adapter") or (meta.get("finetune") == "lora")
+    hub_id = hub_base_model(meta["base_model"])
+    subject = (
+        f"`{hub_id}` (nla model name `{meta['base_model']}`)"
+        if hub_id and hub_id != meta["base_model"]
+        else f"`{meta['base_model']}`"
+    )
+    data = ModelCardData(
+        base_model=hub_id,
+        library_name="peft" if adapter else "transformers",
+        tags=["nla", "natural-language-autoencoder", "interpretability", TAGS[role]],
+        model_name=repo_id.split("/")[-1],
+        eval_results=results or None,
+        nla={
+            "role": role,
+            "layer": meta["layer"],
+            "d_model": meta["d_model"],
+            "injection": {k: injection.get(k) for k in ("mode", "scale", "karvonen_block") if k in injection} or None,
+            "marker": (meta.get("marker") or {}).get("char"),
+            "base_model_source": meta["base_model"],
+        },
+    )
+    table = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items()) or "| (no metrics file) | |"
+    injection_text = (
+        f"`{injection.get('mode')}`" + (f", scale {injection['scale']:.4g}" if injection.get("scale") else "")
+        if role == "av"
+        else "n/a (the AR reads text)"
+    )
+    body = f"""
+# {repo_id.split("/")[-1]}
+
+The {ROLE_TEXT[role]}, one half of a Natural Language Autoencoder (NLA) for the residual stream of
+{subject} at the output of decoder block **{meta["layer"]}** (d_model = {meta["d_model"]}).
+Round trip: activation → AV → explanation → AR → activation; quality is the fraction of variance
+explained (FVE) of the unit vectors on held-out rows.
+
+- stage: `{meta.get("stage")}`, weights: `{meta.get("weights", meta.get("finetune"))}`
+- injection: {injection_text}
+- prompts and marker: verbatim in `nla_meta.yaml`, which `load_av` / `load_ar` check against the live tokenizer
+
+## Evaluation (held-out rows)
+
+| metric | value |
+|---|---:|
+{table}
+
+## Usage
+
+Needs the `nla` package (this project) and the subject model {subject}.
+
+{_usage(role, repo_id, meta)}
+"""
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    return card
+
+
+def check_card(path: Path, role: str, metrics: dict[str, float]) -> None:
+    """Reload the card with huggingface_hub and check what the Hub reads from it (offline validation)."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(path)
+    parsed = {r.metric_type: r.metric_value for r in card.data.eval_results or []}
+    if TAGS[role] not in (card.data.tags or []) or parsed != metrics or "```python" not in card.text:
+        raise NLAError(f"{path}: the model card did not round-trip through huggingface_hub; report this as a bug")
+
+
+# ----------------------------------------------------------------------------- upload
+
+
+def published_folders(out_dir: str | Path) -> dict[str, Path]:
+    """{role: folder} of a publish output directory."""
+    out_dir = Path(out_dir)
+    folders = {role: out_dir / role for role in ROLES if (out_dir / role / SIDECAR_NAME).is_file()}
+    if not folders:
+        raise NLAError(f"{out_dir} holds no published model folders; run the publish stage first (`nla publish`)")
+    return folders
+
+
+def upload_folders(cfg: NLAConfig, folders: dict[str, Path]) -> dict[str, str]:
+    """Create (if needed) and upload one Hub repo per folder; returns {role: commit url}."""
+    token = os.environ.get(cfg.publish.token_env, "").strip()
+    if not token:
+        raise NLAError(
+            f"uploading needs a Hub token in the environment variable {cfg.publish.token_env}; "
+            f"export it (never write it into params.yaml), or set publish.enabled: false for a dry run"
+        )
+    if not cfg.publish.namespace:
+        raise NLAError(
+            "uploading needs publish.namespace (your Hub user or organisation) so the model cards name "
+            "the right repo; set it in params.yaml and rerun the publish stage"
+        )
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    urls = {}
+    for role, folder in folders.items():
+        repo_id = f"{cfg.publish.namespace}/{repo_name(cfg, read_sidecar(folder), role)}"
+        api.create_repo(repo_id, repo_type="model", private=cfg.publish.private, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            repo_type="model",
+            folder_path=str(folder),
+            commit_message=f"nla publish: {role} layer {read_sidecar(folder)['layer']}",
+        )
+        urls[role] = str(getattr(info, "commit_url", info))
+    return urls
+
+
+def assert_no_secret(folder: Path, secret: str | None) -> None:
+    """Refuse to leave a token in any written file (defence in depth: nothing should ever write it)."""
+    if not secret:
+        return
+    needle = secret.encode()
+    for path in folder.rglob("*"):
+        if path.is_file() and needle in path.read_bytes():
+            raise NLAError(f"{path} contains the Hub token; remove it from the checkpoint before publishing")
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run_publish(cfg: NLAConfig, checkpoints: dict[str, Path], metrics_path: str | Path, out_dir: str | Path) -> dict:
+    """Build a Hub-ready folder per model under `out_dir` (atomically); upload when `publish.enabled`.
+
+    checkpoints: {"av": AV checkpoint folder, "ar": AR checkpoint folder} (typically the RL ones).
+    """
+    unknown = set(checkpoints) - set(ROLES)
+    if unknown:
+        raise NLAError(f"unknown model roles {sorted(unknown)}; publish takes {list(ROLES)}")
+    metrics_path = Path(metrics_path)
+    metrics = eval_metrics(json.loads(metrics_path.read_text(encoding="utf-8"))) if metrics_path.is_file() else {}
+    namespace = cfg.publish.namespace or "<your-hub-user>"  # dry run without a namespace: a placeholder
+    summary: dict[str, Any] = {"upload": "enabled" if cfg.publish.enabled else "dry run", "models": {}}
+    with atomic_dir(out_dir) as tmp:
+        for role, checkpoint in checkpoints.items():
+            checkpoint = Path(checkpoint)
+            dest = tmp / role
+            meta = (
+                export_av(checkpoint, dest, cfg.publish.merge_weights) if role == "av" else export_ar(checkpoint, dest)
+            )
+            repo_id = f"{namespace}/{repo_name(cfg, meta, role)}"
+            model_card(role, meta, repo_id, metrics).save(dest / CARD_NAME)
+            check_card(dest / CARD_NAME, role, metrics)
+            summary["models"][role] = {
+                "repo_id": repo_id,
+                "source": str(checkpoint),
+                "weights": meta.get("weights", meta.get("finetune")),
+                "files": sorted(p.name for p in dest.iterdir()),
+            }
+        assert_no_secret(tmp, os.environ.get(cfg.publish.token_env))
+        write_json(tmp / SUMMARY_NAME, summary)
+    if cfg.publish.enabled:
+        summary["uploaded"] = upload_folders(cfg, published_folders(out_dir))
+    return summary

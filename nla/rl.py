@@ -1,0 +1,508 @@
+"""RL: GRPO-style joint training of the AV and AR on round-trip reconstruction.
+
+One step (DESIGN.md "RL"):
+
+1. sample ``prompts_per_step`` activations ``v`` from the rl split;
+2. the AV samples ``G = group_size`` explanations per activation (temperature ``T``), the
+   vector injected at the marker in generation and in every log-prob pass below;
+3. reward ``r = −mse_nrm(AR(text), v)`` (or ``−log mse_nrm``); malformed output (no closing
+   tag, or empty) gets ``malformed_reward``; hitting the length cap costs ``length_cap_penalty``
+   more; optionally ``per_token_penalty · n_tokens``;
+4. group-normalised advantages ``A = (r − mean_g r) / (std_g r + eps)``;
+5. per token, with ``ρ = π/π_old`` and the k3 estimator of KL(π ‖ π_ref)::
+
+       loss = −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) + β · (exp(ℓ_ref − ℓ) − (ℓ_ref − ℓ) − 1)
+
+   averaged over all completion tokens of the batch (token-level mean, as in DAPO, so long
+   and short explanations weigh each token alike). ``π_old`` is the sampling policy; with
+   one update per batch ``ρ = 1`` in value but its gradient is the policy gradient, and the
+   clip math stays general. ``π_ref`` is the **frozen SFT AV**: with LoRA a second, frozen
+   copy of the SFT adapter loaded into the same model (``disable_adapter`` would give the
+   bare base model, which is the wrong reference); with full fine-tuning a second frozen model;
+6. one AR regression step on this step's explanations (texts only: no gradient reaches the AV).
+
+Why an own loop and not TRL's GRPOTrainer: the AV needs one activation vector bound per row
+in generation and in every log-prob pass (policy and reference). GRPOTrainer (trl 1.16)
+forwards extra per-row model inputs only for vision-language models (``pixel_values`` and
+friends in ``forward_kwargs``); for text models it builds ``{"input_ids", "attention_mask"}``
+itself, shuffles and re-chunks the generation batch (``shuffle_sequence_dict``,
+``steps_per_generation``, ``_get_per_token_logps_and_entropies`` batches) and computes the
+reference pass internally, so a vector bound from outside cannot be kept aligned with its
+rows without overriding private methods. Its rewards also cannot train a second model (the
+AR) in the same step. The loop here is short and keeps every term of the objective visible.
+
+Resume: every ``checkpoint_every`` steps the trainable weights of AV and AR, both optimizer
+states, all RNG states, the step and the logs go atomically to ``work_dir``; a rerun with
+the same inputs and params continues from there, bit for bit (see `train_rl`).
+
+With ``temperature`` T ≠ 1 every log-prob (policy, old, reference) is that of the tempered
+distribution softmax(logits/T) the samples were drawn from, so ratio and KL stay consistent.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from nla.config import PATHS, NLAConfig, NLAError, RLConfig
+from nla.evaluate import fve_nrm, mse_nrm
+from nla.io import atomic_dir, atomic_path
+
+CHECKPOINT = "checkpoint"
+STATE_FILE = "state.pt"
+REF_ADAPTER = "ref"
+LOG_FILE = "rl_log.csv"
+EVAL_LOG_FILE = "rl_eval.csv"
+METRICS_FILE = "rl_metrics.json"
+LOG_FIELDS = [
+    "step",
+    "reward_mean",
+    "reward_std",
+    "mse_mean",
+    "fve_batch",
+    "kl",
+    "clip_frac",
+    "len_mean",
+    "capped_frac",
+    "malformed_frac",
+    "ar_loss",
+    "loss",
+    "seconds",
+]
+EVAL_FIELDS = ["step", "fve_heldout", "mse_heldout", "len_mean", "malformed_frac"]
+
+
+# ----------------------------------------------------------------------------- the math
+
+
+def shaped_rewards(
+    mse: torch.Tensor, malformed: torch.Tensor, capped: torch.Tensor, n_tokens: torch.Tensor, cfg: RLConfig
+) -> torch.Tensor:
+    """Reward per explanation: −mse (or −log mse), malformed → fixed value, minus length penalties."""
+    base = -mse.clamp_min(1e-6).log() if cfg.reward == "neg_log_mse" else -mse
+    reward = torch.where(malformed, torch.full_like(base, cfg.malformed_reward), base)
+    return reward - cfg.length_cap_penalty * capped.float() - cfg.per_token_penalty * n_tokens.float()
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """(r − group mean) / (group std + eps); groups are consecutive runs of `group_size` rows."""
+    groups = rewards.view(-1, group_size)
+    mean = groups.mean(dim=1, keepdim=True)
+    std = groups.std(dim=1, keepdim=True)  # unbiased, as TRL's GRPO
+    return ((groups - mean) / (std + eps)).view(-1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(π ‖ π_ref): exp(Δ) − Δ − 1 with Δ = ℓ_ref − ℓ (≥ 0, unbiased)."""
+    delta = ref_logp - logp
+    return delta.exp() - delta - 1
+
+
+def clipped_objective(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon: float,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-level mean of the clipped surrogate plus β·k3 KL; returns (loss, stats)."""
+    mask = mask.float()
+    ratio = (logp - old_logp).exp()
+    adv = advantages[:, None]
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - epsilon, 1 + epsilon) * adv)
+    kl = k3_kl(logp, ref_logp)
+    per_token = -surrogate + beta * kl
+    n = mask.sum().clamp_min(1.0)
+    loss = (per_token * mask).sum() / n
+    clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon) & (adv > 0))
+    stats = {"kl": float((kl.detach() * mask).sum() / n), "clip_frac": float((clipped.float() * mask).sum() / n)}
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- the reference policy
+
+
+def reference_log_probs(
+    av, av_dir: str | Path, temperature: float = 1.0
+) -> Callable[[torch.Tensor, list[list[int]]], torch.Tensor]:
+    """A function giving per-token log-probs under the frozen SFT AV (no grad).
+
+    LoRA: the SFT adapter is loaded a second time as adapter ``ref`` (frozen) and switched in
+    for the reference pass. Full fine-tuning: a second, frozen copy of the SFT AV.
+    """
+    from peft import PeftModel
+
+    from nla.av import load_av
+
+    if isinstance(av.model, PeftModel):
+        model = av.model
+        policy_adapter = model.active_adapter
+        model.load_adapter(str(av_dir), adapter_name=REF_ADAPTER, is_trainable=False)
+        model.set_adapter(policy_adapter)  # loading must not change which adapter is active and trains
+
+        def ref_fn(vectors, completion_ids):
+            model.set_adapter(REF_ADAPTER, inference_mode=True)
+            try:
+                with torch.no_grad():
+                    return av.completion_log_probs(vectors, completion_ids, temperature=temperature)[0]
+            finally:
+                model.set_adapter(policy_adapter)  # grads back on the policy adapter only
+
+        return ref_fn
+
+    ref = load_av(av_dir, device=str(av.device))
+    ref.model.eval().requires_grad_(False)
+
+    def ref_copy_fn(vectors, completion_ids):
+        with torch.no_grad():
+            return ref.completion_log_probs(vectors, completion_ids, temperature=temperature)[0]
+
+    return ref_copy_fn
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def params_of(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def rl_step(
+    av,
+    ref_log_probs,
+    ar,
+    vectors: torch.Tensor,
+    cfg: RLConfig,
+    av_opt: torch.optim.Optimizer,
+    ar_opt: torch.optim.Optimizer | None,
+    mean_unit: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Sample, score, update the AV once (clipped objective + KL), then the AR once."""
+    t0 = time.perf_counter()
+    G = cfg.group_size
+    rows = vectors.repeat_interleave(G, dim=0)  # each group is G consecutive rows
+    av.model.eval()  # dropout off in every pass, so π_old, π and π_ref are the same function at step 0
+    with torch.no_grad():
+        samples = av.generate(
+            rows, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=len(rows)
+        )
+    texts = [s.text for s in samples]
+    ids = [list(s.token_ids) for s in samples]
+    n_tokens = torch.tensor([len(t) for t in ids])
+    capped = torch.tensor([not s.closed and len(s.token_ids) >= cfg.max_new_tokens for s in samples])
+    malformed = torch.tensor([not s.closed or not s.text.strip() for s in samples])
+
+    with torch.no_grad():
+        pred = ar.reconstruct(texts)
+    mse = mse_nrm(pred.cpu(), rows.cpu())
+    rewards = shaped_rewards(mse, malformed, capped, n_tokens, cfg)
+    advantages = group_advantages(rewards, G)
+
+    ref_logp = ref_log_probs(rows, ids)
+    logp, mask = av.completion_log_probs(rows, ids, temperature=cfg.temperature)
+    old_logp = logp.detach()  # π_old = the sampling policy (one update per batch)
+    loss, stats = clipped_objective(
+        logp,
+        old_logp,
+        ref_logp.to(logp.device),
+        advantages.to(logp.device),
+        mask.to(logp.device),
+        cfg.epsilon,
+        cfg.beta,
+    )
+    av_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params_of(av_opt), cfg.max_grad_norm)
+    av_opt.step()
+
+    ar_loss = float("nan")
+    keep = [i for i in range(len(texts)) if not malformed[i]]
+    if ar_opt is not None and keep:
+        ar.train()
+        ar_opt.zero_grad(set_to_none=True)
+        ar_loss_t = ar.loss([texts[i] for i in keep], rows[keep])
+        ar_loss_t.backward()
+        torch.nn.utils.clip_grad_norm_(params_of(ar_opt), cfg.max_grad_norm)
+        ar_opt.step()
+        ar_loss = float(ar_loss_t.detach())
+
+    fve = float("nan")
+    if mean_unit is not None:
+        fve = float(fve_nrm(pred.cpu(), rows.cpu(), mean_unit.cpu()))
+    return {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        "mse_mean": float(mse.mean()),
+        "fve_batch": fve,
+        **stats,
+        "len_mean": float(n_tokens.float().mean()),
+        "capped_frac": float(capped.float().mean()),
+        "malformed_frac": float(malformed.float().mean()),
+        "ar_loss": ar_loss,
+        "loss": float(loss.detach()),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def evaluate_heldout(av, ar, vectors: torch.Tensor, mean_unit: torch.Tensor, cfg: RLConfig) -> dict[str, float]:
+    """Greedy round trip on held-out rows: FVE of AR(AV(v)) against v."""
+    av.model.eval()
+    with torch.no_grad():
+        samples = av.generate(vectors, max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=len(vectors))
+        pred = ar.reconstruct([s.text for s in samples]).cpu()
+    return {
+        "fve_heldout": float(fve_nrm(pred, vectors.cpu(), mean_unit)),
+        "mse_heldout": float(mse_nrm(pred, vectors.cpu()).mean()),
+        "len_mean": float(np.mean([len(s.token_ids) for s in samples])),
+        "malformed_frac": float(np.mean([not s.closed or not s.text.strip() for s in samples])),
+    }
+
+
+# ----------------------------------------------------------------------------- training with checkpoints
+
+
+@dataclass
+class RLState:
+    step: int = 0
+    log: list[dict] = field(default_factory=list)
+    eval_log: list[dict] = field(default_factory=list)
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_checkpoint(
+    work_dir: Path, state: RLState, av_params, ar_params, av_opt, ar_opt, rng: np.random.Generator, fingerprint: str
+) -> None:
+    """Everything needed to continue exactly: weights, optimizers, RNG states, step, logs (atomic)."""
+    blob = {
+        "fingerprint": fingerprint,
+        "step": state.step,
+        "log": state.log,
+        "eval_log": state.eval_log,
+        "av_params": [p.detach().cpu().clone() for p in av_params],
+        "ar_params": [p.detach().cpu().clone() for p in ar_params],
+        "av_opt": av_opt.state_dict(),
+        "ar_opt": ar_opt.state_dict() if ar_opt is not None else None,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy_rng": json.dumps(rng.bit_generator.state),
+    }
+    with atomic_dir(work_dir / CHECKPOINT) as tmp:
+        torch.save(blob, tmp / STATE_FILE)
+
+
+def load_checkpoint(
+    work_dir: Path, fingerprint: str, av_params, ar_params, av_opt, ar_opt, rng: np.random.Generator
+) -> RLState | None:
+    """Restore the last checkpoint into the given objects; None when there is none for these inputs."""
+    path = work_dir / CHECKPOINT / STATE_FILE
+    if not path.is_file():
+        return None
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if blob["fingerprint"] != fingerprint:
+        tqdm.write(f"rl: ignoring the checkpoint in {work_dir} (other inputs or params); starting over")
+        return None
+    for saved, params, what in ((blob["av_params"], av_params, "AV"), (blob["ar_params"], ar_params, "AR")):
+        if len(saved) != len(params) or any(s.shape != p.shape for s, p in zip(saved, params, strict=True)):
+            raise NLAError(f"rl checkpoint in {work_dir} does not match the {what}'s trainable weights; delete it")
+        with torch.no_grad():
+            for s, p in zip(saved, params, strict=True):
+                p.copy_(s.to(p.device))
+    av_opt.load_state_dict(blob["av_opt"])
+    if ar_opt is not None and blob["ar_opt"] is not None:
+        ar_opt.load_state_dict(blob["ar_opt"])
+    torch.set_rng_state(blob["torch_rng"])
+    if blob["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+    rng.bit_generator.state = json.loads(blob["numpy_rng"])
+    return RLState(step=blob["step"], log=blob["log"], eval_log=blob["eval_log"])
+
+
+def train_rl(
+    av,
+    ar,
+    ref_log_probs,
+    train_vectors: torch.Tensor,
+    cfg: RLConfig,
+    work_dir: str | Path,
+    *,
+    eval_vectors: torch.Tensor | None = None,
+    mean_unit: torch.Tensor | None = None,
+    fingerprint: str = "",
+    train_ar: bool = True,
+) -> RLState:
+    """The RL loop with periodic held-out evaluation and checkpoints; resumes from `work_dir`."""
+    work_dir = Path(work_dir)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    av_params = trainable(av.model)
+    ar_params = list(ar.parameters_to_train()) if train_ar else []
+    if not av_params:
+        raise NLAError("the AV has no trainable parameters; load it for training (LoRA adapter or full weights)")
+    av_opt = torch.optim.AdamW(av_params, lr=cfg.actor_learning_rate, weight_decay=0.0)
+    ar_opt = torch.optim.AdamW(ar_params, lr=cfg.ar_learning_rate, weight_decay=0.0) if ar_params else None
+    state = load_checkpoint(work_dir, fingerprint, av_params, ar_params, av_opt, ar_opt, rng) or RLState()
+    resumed = state.step > 0
+
+    def run_eval(step: int) -> None:
+        if eval_vectors is not None and mean_unit is not None and not any(e["step"] == step for e in state.eval_log):
+            state.eval_log.append({"step": step, **evaluate_heldout(av, ar, eval_vectors, mean_unit, cfg)})
+
+    run_eval(0)
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="rl", unit="step")
+    if resumed:
+        bar.write(f"rl: resumed at step {state.step} from {work_dir / CHECKPOINT}")
+    while state.step < cfg.steps:
+        idx = rng.choice(len(train_vectors), size=min(cfg.prompts_per_step, len(train_vectors)), replace=False)
+        metrics = rl_step(av, ref_log_probs, ar, train_vectors[torch.as_tensor(idx)], cfg, av_opt, ar_opt, mean_unit)
+        state.step += 1
+        state.log.append({"step": state.step, **metrics})
+        if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
+            run_eval(state.step)
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+            save_checkpoint(work_dir, state, av_params, ar_params, av_opt, ar_opt, rng, fingerprint)
+        postfix = {"reward": f"{metrics['reward_mean']:.3f}", "kl": f"{metrics['kl']:.4f}"}
+        if state.eval_log:
+            postfix["fve"] = f"{state.eval_log[-1]['fve_heldout']:.3f}"
+        bar.set_postfix(postfix)
+        bar.update(1)
+    bar.close()
+    return state
+
+
+# ----------------------------------------------------------------------------- the rl stage
+
+
+def write_csv(path: str | Path, rows: list[dict], fields: list[str]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_av(av, out_dir: str | Path, meta: dict) -> None:
+    """The policy AV as a checkpoint `load_av` reads: adapter (only the policy's) or full weights."""
+    from peft import PeftModel
+
+    from nla.sidecar import write_sidecar
+
+    with atomic_dir(out_dir) as tmp:
+        if isinstance(av.model, PeftModel):
+            av.model.save_pretrained(tmp, selected_adapters=[av.model.active_adapter])
+        else:
+            av.model.save_pretrained(tmp)
+        av.tokenizer.save_pretrained(tmp)
+        write_sidecar(tmp, meta)
+
+
+def rl_fingerprint(cfg: RLConfig, *parts: object) -> str:
+    """Identity of a run for resuming: params that change the trajectory + the inputs (not `steps`)."""
+    params = cfg.model_dump(exclude={"steps", "eval_every", "checkpoint_every"})
+    return hashlib.sha256(json.dumps([params, *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def summarize(state: RLState, seconds: float) -> dict[str, float]:
+    """Headline numbers: held-out FVE before/after, reward at the start and end (means of a tenth of the steps)."""
+    log, evals = state.log, state.eval_log
+    k = max(1, len(log) // 10)
+    metrics: dict[str, float] = {"steps": state.step, "seconds": round(seconds, 1)}
+    if log:
+        metrics |= {
+            "reward_first": float(np.mean([e["reward_mean"] for e in log[:k]])),
+            "reward_last": float(np.mean([e["reward_mean"] for e in log[-k:]])),
+            "kl_last": log[-1]["kl"],
+            "len_mean_last": log[-1]["len_mean"],
+            "seconds_per_step": float(np.mean([e["seconds"] for e in log])),
+        }
+    if evals:
+        metrics |= {"fve_heldout_start": evals[0]["fve_heldout"], "fve_heldout_end": evals[-1]["fve_heldout"]}
+    return metrics
+
+
+def run_rl(
+    cfg: NLAConfig,
+    activations_dir: str | Path,
+    splits_dir: str | Path,
+    av_dir: str | Path,
+    ar_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    work_dir: str | Path = Path(PATHS.work) / "rl",
+    log_path: str | Path | None = None,
+    eval_log_path: str | Path | None = None,
+    metrics_path: str | Path | None = None,
+) -> dict:
+    """RL on the rl split from the SFT AV and AR; writes `out_dir/av`, `out_dir/ar` and the logs.
+
+    Logs default to `out_dir/rl_log.csv` (per step), `out_dir/rl_eval.csv` (held-out FVE)
+    and `out_dir/rl_metrics.json`. A crashed run resumes from `work_dir` when rerun with the
+    same inputs and params; a finished run removes its checkpoint.
+    """
+    from nla.ar import load_ar
+    from nla.av import load_av
+    from nla.evaluate import unit
+    from nla.extract import load_rows
+    from nla.io import vectors_of, write_json
+    from nla.sidecar import make_meta, read_sidecar
+
+    rl, out_dir = cfg.rl, Path(out_dir)
+    av = load_av(av_dir, cfg.model.device, layer=cfg.model.layer, trainable=True)
+    ar = load_ar(ar_dir, cfg.model.device)
+    if ar.meta["layer"] != av.meta["layer"] or ar.d != av.meta["d_model"]:
+        raise NLAError(
+            f"AV {av_dir} (layer {av.meta['layer']}) and AR {ar_dir} (layer {ar.meta['layer']}) "
+            "were trained for different activations; pass a matching pair"
+        )
+    rows = load_rows(activations_dir, splits_dir, ["rl", "eval"], d_model=ar.d, layer=av.meta["layer"])
+    train = rows[rows.split == "rl"].sort_values("row_id")
+    held = rows[rows.split == "eval"].sort_values("row_id").head(rl.eval_rows)
+    if len(train) < rl.prompts_per_step:
+        raise NLAError(
+            f"the rl split has {len(train)} rows, fewer than rl.prompts_per_step={rl.prompts_per_step}; "
+            "lower it or give the rl split a larger fraction"
+        )
+    train_vectors = torch.from_numpy(vectors_of(train))
+    eval_vectors = torch.from_numpy(vectors_of(held)) if len(held) else None
+    mean_unit = ar.mean_unit if ar.mean_unit is not None else unit(train_vectors).mean(dim=0)
+
+    ref = reference_log_probs(av, av_dir, rl.temperature)
+    sidecars = [read_sidecar(av_dir).get("created_at"), read_sidecar(ar_dir).get("created_at")]
+    fingerprint = rl_fingerprint(rl, sidecars, train.row_id.tolist(), held.row_id.tolist())
+    start = time.perf_counter()
+    state = train_rl(
+        av,
+        ar,
+        ref,
+        train_vectors,
+        rl,
+        work_dir,
+        eval_vectors=eval_vectors,
+        mean_unit=mean_unit,
+        fingerprint=fingerprint,
+    )
+    metrics = summarize(state, time.perf_counter() - start)
+
+    parents = [str(av_dir), str(ar_dir), str(activations_dir), str(splits_dir)]
+    training = {**rl.model_dump(), **metrics}
+    av_meta = {**av.meta, **make_meta("nla_model", "rl"), "parents": parents, "training": training, "merged": False}
+    save_av(av, out_dir / "av", av_meta)
+    ar.save(out_dir / "ar", {"stage": "rl", "parents": parents, "training": training})
+    write_csv(log_path or out_dir / LOG_FILE, state.log, LOG_FIELDS)
+    write_csv(eval_log_path or out_dir / EVAL_LOG_FILE, state.eval_log, EVAL_FIELDS)
+    write_json(metrics_path or out_dir / METRICS_FILE, metrics)
+    shutil.rmtree(Path(work_dir) / CHECKPOINT, ignore_errors=True)  # done: a rerun starts over, as `dvc repro` expects
+    return metrics

@@ -1,0 +1,158 @@
+"""The metric on known vectors, and the evaluate stage end to end on a tiny real run."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from embedded_pipeline import SETTINGS, shared_run
+
+from nla.config import NLAConfig, NLAError
+from nla.evaluate import (
+    cosine,
+    derangement,
+    fve_denominator,
+    fve_nrm,
+    mse_nrm,
+    position_bucket,
+    run_evaluate,
+    unit,
+)
+
+
+@pytest.fixture(scope="module")
+def embedded_run(tmp_path_factory):
+    return shared_run(tmp_path_factory)
+
+
+def test_mse_nrm_on_known_vectors():
+    e = torch.eye(4)
+    assert mse_nrm(e[:1], e[:1]).item() == pytest.approx(0.0)
+    assert mse_nrm(e[:1], e[1:2]).item() == pytest.approx(2.0)  # orthogonal
+    assert mse_nrm(e[:1], -e[:1]).item() == pytest.approx(4.0)  # opposite
+    assert mse_nrm(7.0 * e[:1], 0.1 * e[:1]).item() == pytest.approx(0.0)  # scale does not matter
+    v = torch.randn(16, 8)
+    w = torch.randn(16, 8)
+    torch.testing.assert_close(mse_nrm(v, w), 2 * (1 - cosine(v, w)))
+    assert mse_nrm(v, w).shape == (16,)
+
+
+def test_fve_identical_is_one_mean_is_zero():
+    torch.manual_seed(0)
+    train = torch.randn(50, 8) + 2.0
+    target = torch.randn(20, 8) + 2.0
+    mean_unit = unit(train).mean(0)
+    assert fve_nrm(3.0 * target, target, mean_unit) == pytest.approx(1.0)
+    # Predicting ū itself (the predict-the-mean baseline, not renormalised) explains nothing.
+    assert fve_nrm(mean_unit.expand(20, -1), target, mean_unit, normalize_pred=False) == pytest.approx(0.0, abs=1e-6)
+    denom = fve_denominator(target, mean_unit)
+    assert denom == pytest.approx(float(((unit(target) - mean_unit) ** 2).sum(1).mean()))
+    # Orthogonal predictions: mse 2 everywhere, so FVE = 1 - 2/denominator.
+    e = torch.eye(2)
+    assert fve_nrm(e[[1, 0]], e, torch.zeros(2)) == pytest.approx(1 - 2 / 1)
+
+
+def test_derangement_moves_every_row():
+    for n in (2, 3, 10, 101):
+        partner = derangement(n, seed=n)
+        assert sorted(partner.tolist()) == list(range(n))
+        assert all(partner[i] != i for i in range(n))
+
+
+def test_position_buckets():
+    assert [position_bucket(p) for p in (0, 7, 8, 15, 16, 100)] == [
+        (0, 8),
+        (0, 8),
+        (8, 16),
+        (8, 16),
+        (16, 32),
+        (64, 128),
+    ]
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(NLAError, match="ar_sft"):
+        run_evaluate(
+            NLAConfig(),
+            tmp_path,
+            tmp_path,
+            tmp_path,
+            {"av_sft": tmp_path},
+            tmp_path / "m.json",
+            tmp_path,
+            tmp_path / "s.md",
+        )
+    with pytest.raises(NLAError, match="both av_rl and ar_rl"):
+        run_evaluate(
+            NLAConfig(),
+            tmp_path,
+            tmp_path,
+            tmp_path,
+            {"av_sft": tmp_path, "ar_sft": tmp_path, "av_rl": tmp_path},
+            tmp_path / "m.json",
+            tmp_path,
+            tmp_path / "s.md",
+        )
+
+
+@pytest.mark.slow
+def test_evaluate_writes_every_metric_plot_and_sample(embedded_run, tmp_path):
+    run = embedded_run
+    cfg = NLAConfig.model_validate(SETTINGS)
+    # The SFT pair stands in for an RL pair too, so the optional RL path runs.
+    checkpoints = {"av_sft": run["av"], "ar_sft": run["ar"], "av_rl": run["av"], "ar_rl": run["ar"]}
+    metrics = run_evaluate(
+        cfg,
+        run["act"],
+        run["split"],
+        run["labels"],
+        checkpoints,
+        tmp_path / "metrics" / "eval.json",
+        tmp_path / "plots",
+        tmp_path / "samples.md",
+    )
+    saved = json.loads((tmp_path / "metrics" / "eval.json").read_text())
+    assert saved == pytest.approx(metrics)
+    for key in (
+        "fve_ar_gold",
+        "fve_roundtrip_sft",
+        "fve_roundtrip_rl",
+        "fve_ar_gold_rl",
+        "fve_shuffled",
+        "fve_empty",
+        "fve_mean",
+        "cos_ar_gold",
+        "cos_roundtrip_sft",
+        "cos_shuffled",
+        "cos_empty",
+        "expl_sft_tokens_mean",
+        "expl_sft_tokens_median",
+        "expl_sft_tokens_max",
+        "expl_sft_closed_frac",
+        "gold_tokens_mean",
+        "n_rows",
+    ):
+        assert key in metrics, key
+    assert 2 <= metrics["n_rows"] <= cfg.evaluate.max_rows
+    assert metrics["fve_mean"] == pytest.approx(0.0, abs=1e-6)
+    # Same checkpoints, greedy decoding: the "RL" numbers reproduce the SFT ones exactly.
+    assert metrics["fve_roundtrip_rl"] == pytest.approx(metrics["fve_roundtrip_sft"], abs=1e-5)
+    assert metrics["fve_ar_gold_rl"] == pytest.approx(metrics["fve_ar_gold"], abs=1e-5)
+    assert metrics["expl_sft_tokens_max"] <= cfg.evaluate.max_new_tokens
+    assert all(-1 <= metrics[k] <= 1 for k in metrics if k.startswith("cos_"))
+
+    by_ckpt = pd.read_csv(tmp_path / "plots" / "fve_by_checkpoint.csv")
+    assert {"ar_gold", "roundtrip_sft", "roundtrip_rl", "shuffled", "empty", "mean"} <= set(by_ckpt.checkpoint)
+    assert by_ckpt.set_index("checkpoint").fve["ar_gold"] == pytest.approx(metrics["fve_ar_gold"], abs=1e-5)
+    by_pos = pd.read_csv(tmp_path / "plots" / "fve_by_position.csv")
+    assert {"position_bucket", "bucket_label", "n_rows", "fve", "fve_ar_gold", "fve_roundtrip_sft"} <= set(
+        by_pos.columns
+    )
+    assert (by_pos.fve == by_pos.fve_roundtrip_rl).all()  # `fve` is the last pair's round trip
+    assert by_pos.n_rows.sum() == metrics["n_rows"]
+
+    samples = (tmp_path / "samples.md").read_text()
+    assert samples.count("\n## ") == min(cfg.evaluate.n_samples, metrics["n_rows"])
+    assert "**gold label**" in samples and "**AV sft**" in samples and "round-trip FVE" in samples
