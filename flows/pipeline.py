@@ -29,6 +29,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
 from nla.config import PATHS, NLAError, apply_profile, load_config
+from nla.lock import workspace_lock
 
 GATE_PREFIX = "validate_"  # stages named validate_* are data-quality gates
 RETRIES = {"label": 3}  # stage -> retries (the labeler may call a remote server)
@@ -216,45 +217,47 @@ def nla_pipeline(project_dir: str = ".", profile: str | None = None, publish: bo
 
     logger = get_run_logger()
     root = Path(project_dir).resolve()
-    if profile:
-        apply_profile(profile, root / "params.yaml")
-        logger.info("applied profile %s to %s", profile, root / "params.yaml")
+    # One pipeline per workspace: a second flow or `nla` run refuses at once (its stages inherit the lock).
+    with workspace_lock(root, "prefect nla_pipeline"):
+        if profile:
+            apply_profile(profile, root / "params.yaml")
+            logger.info("applied profile %s to %s", profile, root / "params.yaml")
 
-    statuses: dict[str, str] = {}
-    for stage in stage_order(root):
-        retries = RETRIES.get(stage.split(":")[-1], 0)
-        statuses[stage] = run_stage.with_options(
-            name=f"dvc-{stage}", retries=retries, retry_delay_seconds=RETRY_DELAY_S[:retries]
-        )(stage, str(root))
+        statuses: dict[str, str] = {}
+        for stage in stage_order(root):
+            retries = RETRIES.get(stage.split(":")[-1], 0)
+            statuses[stage] = run_stage.with_options(
+                name=f"dvc-{stage}", retries=retries, retry_delay_seconds=RETRY_DELAY_S[:retries]
+            )(stage, str(root))
 
-    new = _read_json(root / METRICS_FILE)
-    published = _read_json(root / PUBLISHED_METRICS_FILE)
-    if new is None:
-        improved, verdict, diff = False, f"no metrics at {METRICS_FILE}", {}
-    else:
-        improved, verdict = improvement(new, published)
-        diff = metrics_diff(new, published)
-    create_markdown_artifact(
-        key="nla-metrics",
-        markdown=metrics_markdown(diff, verdict, statuses),
-        description="metrics of this run vs the last published ones",
-    )
-    samples = root / SAMPLES_FILE
-    create_markdown_artifact(
-        key="nla-samples",
-        markdown=samples.read_text(encoding="utf-8") if samples.is_file() else f"(no {SAMPLES_FILE} in this run)",
-        description="sample explanations written by the evaluate stage",
-    )
-    logger.info(verdict)
+        new = _read_json(root / METRICS_FILE)
+        published = _read_json(root / PUBLISHED_METRICS_FILE)
+        if new is None:
+            improved, verdict, diff = False, f"no metrics at {METRICS_FILE}", {}
+        else:
+            improved, verdict = improvement(new, published)
+            diff = metrics_diff(new, published)
+        create_markdown_artifact(
+            key="nla-metrics",
+            markdown=metrics_markdown(diff, verdict, statuses),
+            description="metrics of this run vs the last published ones",
+        )
+        samples = root / SAMPLES_FILE
+        create_markdown_artifact(
+            key="nla-samples",
+            markdown=samples.read_text(encoding="utf-8") if samples.is_file() else f"(no {SAMPLES_FILE} in this run)",
+            description="sample explanations written by the evaluate stage",
+        )
+        logger.info(verdict)
 
-    uploaded: dict[str, str] = {}
-    if publish and improved:
-        uploaded = upload(str(root))
-        write_json(root / PUBLISHED_METRICS_FILE, new)
-        logger.info("published %s; baseline now %s", uploaded, PUBLISHED_METRICS_FILE)
-    elif publish:
-        logger.info("not publishing: %s", verdict)
-    return {"stages": statuses, "improved": improved, "verdict": verdict, "uploaded": uploaded}
+        uploaded: dict[str, str] = {}
+        if publish and improved:
+            uploaded = upload(str(root))
+            write_json(root / PUBLISHED_METRICS_FILE, new)
+            logger.info("published %s; baseline now %s", uploaded, PUBLISHED_METRICS_FILE)
+        elif publish:
+            logger.info("not publishing: %s", verdict)
+        return {"stages": statuses, "improved": improved, "verdict": verdict, "uploaded": uploaded}
 
 
 def main(argv: list[str] | None = None) -> int:

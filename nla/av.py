@@ -244,6 +244,9 @@ class AV:
         return total / max(count, 1.0)
 
 
+WEIGHT_FILES = {"adapter": ("adapter_model.safetensors",), "full": ("model.safetensors", "model.safetensors.index.json")}
+
+
 def load_av(
     checkpoint_dir: str | Path, device: str = "auto", *, layer: int | None = None, trainable: bool = False
 ) -> AV:
@@ -261,6 +264,9 @@ def load_av(
         )
     check_compatible(meta, where=str(ckpt), layer=layer)
     weights = meta.get("weights")
+    expected = WEIGHT_FILES.get(weights, ())
+    if expected and not any((ckpt / name).is_file() for name in expected):
+        raise NLAError(f"{ckpt} has no {' or '.join(expected)}: the checkpoint is incomplete; rebuild it (dvc repro av_sft)")
     if weights == "adapter":
         model_cfg = ModelConfig(
             name=meta["base_model"],

@@ -32,6 +32,8 @@ each row the same logits as it would get alone; under greedy decoding the tokens
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -162,14 +164,17 @@ def sample(
     (the stop tokens are kept, as `generate` keeps eos). T_new is the longest row's length,
     at most `max_new_tokens`. `temperature` 0 is greedy; otherwise tokens are drawn from
     softmax(logits / T) with `generator` (on the model's device) for reproducibility.
-    `cuda_graph` None means "on when the model is on CUDA".
+    `cuda_graph` None means "on when the model is on CUDA" (NLA_CUDA_GRAPHS=0 in the environment turns
+    the default off, a switch for debugging a driver without touching code).
     """
     device = input_embeddings(model).weight.device
     dtype = input_embeddings(model).weight.dtype
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device).bool()
     _check_inputs(input_ids, attention_mask, max_new_tokens, temperature, generator, device)
     pad_id = _default_pad(model) if pad_id is None else int(pad_id)
-    use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda" and os.environ.get("NLA_CUDA_GRAPHS", "1") != "0"
+    use_graph = cuda_graph
     if use_graph and device.type != "cuda":
         raise NLAError("cuda_graph=True needs the model on a CUDA device")
     n, prompt_len = input_ids.shape
