@@ -244,7 +244,10 @@ class AV:
         return total / max(count, 1.0)
 
 
-WEIGHT_FILES = {"adapter": ("adapter_model.safetensors",), "full": ("model.safetensors", "model.safetensors.index.json")}
+WEIGHT_FILES = {
+    "adapter": ("adapter_model.safetensors",),
+    "full": ("model.safetensors", "model.safetensors.index.json"),
+}
 
 
 def load_av(
@@ -266,7 +269,9 @@ def load_av(
     weights = meta.get("weights")
     expected = WEIGHT_FILES.get(weights, ())
     if expected and not any((ckpt / name).is_file() for name in expected):
-        raise NLAError(f"{ckpt} has no {' or '.join(expected)}: the checkpoint is incomplete; rebuild it (dvc repro av_sft)")
+        raise NLAError(
+            f"{ckpt} has no {' or '.join(expected)}: the checkpoint is incomplete; rebuild it (dvc repro av_sft)"
+        )
     if weights == "adapter":
         model_cfg = ModelConfig(
             name=meta["base_model"],

@@ -100,9 +100,7 @@ def load_documents(cfg: CorpusConfig) -> pd.DataFrame:
     if not docs:
         raise NLAError(f"no document of at least {cfg.min_chars} characters in {source}; lower corpus.min_chars")
     width = max(4, len(str(len(docs))))
-    return pd.DataFrame(
-        {"doc_id": [f"doc-{i:0{width}d}" for i in range(len(docs))], "text": docs, "source": source}
-    )
+    return pd.DataFrame({"doc_id": [f"doc-{i:0{width}d}" for i in range(len(docs))], "text": docs, "source": source})
 
 
 def run_corpus(cfg: CorpusConfig, out_path: str | Path) -> pd.DataFrame:

@@ -37,7 +37,9 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
-def sample_positions(doc_id: str, token_ids: list[int], special_ids: set[int], k: int, min_position: int, seed: int) -> list[int]:
+def sample_positions(
+    doc_id: str, token_ids: list[int], special_ids: set[int], k: int, min_position: int, seed: int
+) -> list[int]:
     """Up to k distinct positions ≥ min_position that are not special tokens, sorted."""
     candidates = [p for p in range(min_position, len(token_ids)) if token_ids[p] not in special_ids]
     if not candidates:
@@ -59,7 +61,9 @@ def extract_shard(model, tokenizer, docs: pd.DataFrame, cfg: NLAConfig) -> pd.Da
     """Activations for one shard of documents, batched by length."""
     ex = cfg.extract
     special = set(tokenizer.all_special_ids)
-    encoded = tokenizer(list(docs.text), add_special_tokens=True, truncation=True, max_length=ex.max_tokens)["input_ids"]
+    encoded = tokenizer(list(docs.text), add_special_tokens=True, truncation=True, max_length=ex.max_tokens)[
+        "input_ids"
+    ]
     order = np.argsort([len(ids) for ids in encoded])[::-1]  # longest first: less padding per batch
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
@@ -78,17 +82,19 @@ def extract_shard(model, tokenizer, docs: pd.DataFrame, cfg: NLAConfig) -> pd.Da
             token_ids = encoded[i]
             for p in sample_positions(doc.doc_id, token_ids, special, ex.positions_per_doc, ex.min_position, ex.seed):
                 vector = hidden[r, p].numpy().astype(np.float32)
-                rows.append({
-                    "row_id": f"{doc.doc_id}:{p}",
-                    "doc_id": doc.doc_id,
-                    "position": p,
-                    "n_tokens": len(token_ids),
-                    "token_id": int(token_ids[p]),
-                    "token": tokenizer.decode([token_ids[p]]),
-                    "prefix": tokenizer.decode(token_ids[: p + 1], skip_special_tokens=True),
-                    "norm": float(np.linalg.norm(vector)),
-                    "vector": vector,
-                })
+                rows.append(
+                    {
+                        "row_id": f"{doc.doc_id}:{p}",
+                        "doc_id": doc.doc_id,
+                        "position": p,
+                        "n_tokens": len(token_ids),
+                        "token_id": int(token_ids[p]),
+                        "token": tokenizer.decode([token_ids[p]]),
+                        "prefix": tokenizer.decode(token_ids[: p + 1], skip_special_tokens=True),
+                        "norm": float(np.linalg.norm(vector)),
+                        "vector": vector,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -102,7 +108,9 @@ def check_finite(rows: pd.DataFrame) -> None:
         raise NLAError(f"non-finite activations in rows {bad}; use float32 (model.dtype) or another layer")
 
 
-def run_extract(cfg: NLAConfig, documents_path: str | Path, out_dir: str | Path, work_dir: str | Path = "data/work/extract") -> pd.DataFrame:
+def run_extract(
+    cfg: NLAConfig, documents_path: str | Path, out_dir: str | Path, work_dir: str | Path = "data/work/extract"
+) -> pd.DataFrame:
     """Extract activations for every document, resuming from finished shards."""
     docs = read_table(documents_path)
     model, tokenizer, source = load_model(cfg.model)
@@ -125,14 +133,23 @@ def run_extract(cfg: NLAConfig, documents_path: str | Path, out_dir: str | Path,
     table = pd.concat(frames, ignore_index=True)
     out_dir = Path(out_dir)
     write_table(out_dir / ACTIVATIONS_FILE, table)
-    write_sidecar(out_dir, make_meta(
-        "nla_dataset", "extract",
-        base_model=cfg.model.name, base_model_fingerprint=source.fingerprint,
-        d_model=d_model(model), layer=cfg.model.layer, n_layers=model.config.num_hidden_layers,
-        rows=len(table), documents=int(table.doc_id.nunique()),
-        norm_quantiles={str(q): float(np.quantile(table.norm, q)) for q in (0.01, 0.25, 0.5, 0.75, 0.99)},
-        extract=cfg.extract.model_dump(), parents=[str(documents_path)],
-    ))
+    write_sidecar(
+        out_dir,
+        make_meta(
+            "nla_dataset",
+            "extract",
+            base_model=cfg.model.name,
+            base_model_fingerprint=source.fingerprint,
+            d_model=d_model(model),
+            layer=cfg.model.layer,
+            n_layers=model.config.num_hidden_layers,
+            rows=len(table),
+            documents=int(table.doc_id.nunique()),
+            norm_quantiles={str(q): float(np.quantile(table.norm, q)) for q in (0.01, 0.25, 0.5, 0.75, 0.99)},
+            extract=cfg.extract.model_dump(),
+            parents=[str(documents_path)],
+        ),
+    )
     shutil.rmtree(shard_dir, ignore_errors=True)  # the final table is written: shards are no longer needed
     return table
 
@@ -144,7 +161,7 @@ def assign_splits(doc_ids: list[str], fractions: dict[str, float], seed: int) ->
     bounds = np.cumsum([fractions[name] for name in SPLIT_NAMES]) * len(unique)
     assignment = {}
     for rank, idx in enumerate(order):
-        split = next((name for name, b in zip(SPLIT_NAMES, bounds) if rank < round(b)), SPLIT_NAMES[-1])
+        split = next((name for name, b in zip(SPLIT_NAMES, bounds, strict=True) if rank < round(b)), SPLIT_NAMES[-1])
         assignment[unique[idx]] = split
     return assignment
 
@@ -155,15 +172,27 @@ def run_split(cfg: NLAConfig, activations_dir: str | Path, out_dir: str | Path) 
     table["split"] = table.doc_id.map(assignment)
     write_table(Path(out_dir) / SPLITS_FILE, table)
     meta = read_sidecar(activations_dir)
-    meta.update(make_meta("nla_dataset", "split", split=cfg.split.model_dump(),
-                          split_rows={s: int((table.split == s).sum()) for s in SPLIT_NAMES},
-                          parents=[str(activations_dir)]))
+    meta.update(
+        make_meta(
+            "nla_dataset",
+            "split",
+            split=cfg.split.model_dump(),
+            split_rows={s: int((table.split == s).sum()) for s in SPLIT_NAMES},
+            parents=[str(activations_dir)],
+        )
+    )
     write_sidecar(out_dir, meta)
     return table
 
 
-def load_rows(activations_dir: str | Path, splits_dir: str | Path, splits: list[str] | tuple[str, ...] | None = None,
-              *, d_model: int | None = None, layer: int | None = None) -> pd.DataFrame:
+def load_rows(
+    activations_dir: str | Path,
+    splits_dir: str | Path,
+    splits: list[str] | tuple[str, ...] | None = None,
+    *,
+    d_model: int | None = None,
+    layer: int | None = None,
+) -> pd.DataFrame:
     """Activation rows joined with their split, optionally filtered, after a sidecar check."""
     meta = read_sidecar(activations_dir)
     check_compatible(meta, where=str(activations_dir), d_model=d_model, layer=layer)

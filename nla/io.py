@@ -90,7 +90,9 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFra
         return pq.read_table(path, columns=columns).to_pandas()
     except (pa.ArrowException, OSError) as err:
         first = (str(err).splitlines() or [type(err).__name__])[0]
-        raise NLAError(f"{path} is not a readable table ({first}); delete it and rerun the stage that writes it") from None
+        raise NLAError(
+            f"{path} is not a readable table ({first}); delete it and rerun the stage that writes it"
+        ) from None
 
 
 def vectors_of(frame: pd.DataFrame, column: str = "vector") -> np.ndarray:

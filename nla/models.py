@@ -258,7 +258,9 @@ class _StopForward(Exception):
     """Raised by the capture hook so nothing after block K runs."""
 
 
-def residual_at(model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def residual_at(
+    model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Output of decoder block `layer` (= hidden_states[layer + 1]) for every position.
 
     Blocks after `layer` and the LM head are never run: a hook on block `layer` stores its

@@ -78,7 +78,9 @@ def read_sidecar(folder: str | Path) -> dict[str, Any]:
     if meta["kind"] not in KINDS:
         raise NLAError(f"{path}: kind {meta['kind']!r} is not one of {KINDS}; point at an nla artifact")
     if meta["schema_version"] != SCHEMA_VERSION:
-        raise NLAError(f"{path}: schema_version {meta['schema_version']!r} is not {SCHEMA_VERSION}; rebuild the artifact")
+        raise NLAError(
+            f"{path}: schema_version {meta['schema_version']!r} is not {SCHEMA_VERSION}; rebuild the artifact"
+        )
     for key in ("d_model", "layer"):
         if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 0:
             raise NLAError(f"{path}: {key} must be a non-negative integer; rebuild the artifact")
@@ -87,16 +89,27 @@ def read_sidecar(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
-def check_compatible(meta: dict[str, Any], *, where: str, d_model: int | None = None, layer: int | None = None,
-                     marker: dict[str, Any] | None = None, base_model: str | None = None) -> None:
+def check_compatible(
+    meta: dict[str, Any],
+    *,
+    where: str,
+    d_model: int | None = None,
+    layer: int | None = None,
+    marker: dict[str, Any] | None = None,
+    base_model: str | None = None,
+) -> None:
     """Raise when the sidecar disagrees with the live model/tokenizer/config."""
     checks = [("d_model", d_model), ("layer", layer), ("base_model", base_model)]
     for key, live in checks:
         if live is not None and meta.get(key) != live:
-            raise NLAError(f"{where}: sidecar {key}={meta.get(key)!r} but the live value is {live!r}; "
-                           f"use the model/params the artifact was built with or rebuild it")
+            raise NLAError(
+                f"{where}: sidecar {key}={meta.get(key)!r} but the live value is {live!r}; "
+                f"use the model/params the artifact was built with or rebuild it"
+            )
     if marker is not None and meta.get("marker") is not None:
         for key in ("token_id", "left_id", "right_id"):
             if meta["marker"].get(key) != marker.get(key):
-                raise NLAError(f"{where}: sidecar marker {key}={meta['marker'].get(key)!r} but the tokenizer gives "
-                               f"{marker.get(key)!r}; use the tokenizer the checkpoint was trained with")
+                raise NLAError(
+                    f"{where}: sidecar marker {key}={meta['marker'].get(key)!r} but the tokenizer gives "
+                    f"{marker.get(key)!r}; use the tokenizer the checkpoint was trained with"
+                )

@@ -7,8 +7,15 @@ import torch
 
 torch.set_num_threads(2)
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=256,
+)
 
 
 def tiny_model(arch: str, seed: int = 0):

@@ -17,7 +17,8 @@ def write(tmp_path, data) -> str:
 def test_repo_params_file_matches_the_typed_defaults():
     cfg = load_config("params.yaml")
     assert cfg.model.layer == 20
-    assert cfg == NLAConfig.model_validate(yaml.safe_load(open("params.yaml")))
+    with open("params.yaml") as fh:
+        assert cfg == NLAConfig.model_validate(yaml.safe_load(fh))
 
 
 def test_unknown_key_is_named(tmp_path):

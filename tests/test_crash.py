@@ -221,7 +221,9 @@ def assert_tensors_close(a: Path, b: Path) -> None:
         assert (left[key] - right[key]).abs().max() <= 1e-5, (a.name, key)
 
 
-@pytest.mark.xfail(strict=True, reason="av_sft has no exact resume yet (the Trainer's own resume diverged); see issue 6 note")
+@pytest.mark.xfail(
+    strict=True, reason="av_sft has no exact resume yet (the Trainer's own resume diverged); see issue 6 note"
+)
 def test_av_sft_killed_mid_run_resumes_from_its_trainer_checkpoint(tmp_path, sft_project):  # noqa: F811
     """Needs periodic trainer checkpoints (`av_sft.save_steps`) under data/work/av_sft and a resume from the last one."""
     params = {"av_sft": {"max_steps": 4, "save_steps": 2}}

@@ -504,6 +504,7 @@ def test_shared_prefix_decoding_matches_plain_generate(embedded):
 def test_local_backend_labels_and_resumes_from_its_cache(dataset, tmp_path):
     act, spl = dataset
     cfg = NLAConfig()
+    cfg.label.backend = "local"
     cfg.label.splits = ["eval"]  # 4 rows, in 2 batches
     cfg.label.batch_size = 2
     cfg.label.cache_dir = str(tmp_path / "cache")

@@ -25,7 +25,9 @@ def test_residual_at_equals_hidden_states(tiny_arch_model, layer):
 def test_residual_at_does_not_run_later_blocks():
     model = tiny_model("llama")
     calls = []
-    handles = [b.register_forward_hook(lambda m, i, o, k=k: calls.append(k)) for k, b in enumerate(decoder_blocks(model))]
+    handles = [
+        b.register_forward_hook(lambda m, i, o, k=k: calls.append(k)) for k, b in enumerate(decoder_blocks(model))
+    ]
     residual_at(model, 1, torch.randint(0, 512, (1, 5)))
     for h in handles:
         h.remove()
