@@ -1,10 +1,14 @@
-"""AV rollout tokens/s: `nla.sampling.sample` vs plain `model.generate`, same AV, batch and lengths.
+"""AV rollout tokens/s: RL's sampling path vs plain `model.generate`, same AV, batch and lengths.
 
-The AV as RL uses it: the subject model with a LoRA adapter (unmerged), the injector bound
-to one random vector per row, the real AV prompt, temperature 1, pure sampling. Every row
-generates exactly `new` tokens (no stop tokens), so both sides produce the same count.
-The check column: the share of rows whose greedy tokens equal `generate`'s (exact in
-float32; bf16 kernels may round differently and drift late in a few rows).
+The AV as RL uses it: the subject model with a LoRA adapter (unmerged: it is being trained),
+the injector bound to one random vector per row, the real AV prompt, temperature 1, pure
+sampling. Ours is what `AV.generate` does in RL: refresh the merged inference copy
+(`nla.av.MergedCopy.sync`, timed) and decode with its `Decoder` (static KV cache, CUDA graph
+captured once per shape and replayed by later calls). The baseline is `generate` on the LoRA
+AV. Every row generates exactly `new` tokens (no stop tokens), so both sides produce the same
+count. Ablations on the GPU: `sample` on the unmerged LoRA AV (a graph captured per call), and
+the merged copy decoded eagerly. The check column: the share of rows whose greedy tokens equal
+`generate`'s on the same (merged) weights (exact in float32; in bf16 near-tied logits may flip).
 
     python benchmarks/bench_rollout.py --size small [--device cuda --size gpu --model /root/nla-model/model.gguf]
 """
@@ -16,9 +20,9 @@ from functools import partial
 import torch
 from common import SIZES, Result, emit, measure, nla_config, parser, setup
 
-from nla.av import attach_injector, av_marker, av_prompt_ids
+from nla.av import MergedCopy, attach_injector, av_marker, av_prompt_ids
 from nla.models import load_model
-from nla.sampling import sample, sample_with_generate
+from nla.sampling import Decoder, sample, sample_with_generate
 
 
 def load_av_like(args, lora_r: int):
@@ -41,21 +45,29 @@ def load_av_like(args, lora_r: int):
 
 def run(args, size) -> list[Result]:
     model, tokenizer, injector, prompt = load_av_like(args, size.lora_r)
-    results = [row for batch, new in size.rollouts for row in rollouts(model, injector, prompt, batch, new, size)]
+    merged = MergedCopy(model, injector)
+    results = [
+        row for batch, new in size.rollouts for row in rollouts(model, injector, merged, prompt, batch, new, size)
+    ]
     injector.remove()
     return results
 
 
-def rollouts(model, injector, prompt: list[int], batch: int, new: int, size) -> list[Result]:
+def rollouts(model, injector, merged: MergedCopy, prompt: list[int], batch: int, new: int, size) -> list[Result]:
     device = next(model.parameters()).device
     d = model.config.hidden_size
     ids = torch.tensor(prompt, device=device).repeat(batch, 1)
     mask = torch.ones_like(ids)
     generator = torch.Generator(device=device).manual_seed(0)
-    ours = partial(sample, model, ids, mask, new, temperature=1.0, generator=generator)
-    base = partial(sample_with_generate, model, ids, mask, new, temperature=1.0)
-    injector.bind(torch.randn(batch, d, device=device))
+    vectors = torch.randn(batch, d, device=device)
+    injector.bind(vectors)
+    merged.injector.bind(vectors)
 
+    def ours() -> torch.Tensor:  # RL's path: sync the copy, decode with the reused graph
+        merged.sync()
+        return merged.decoder.sample(ids, mask, new, temperature=1.0, generator=generator)
+
+    base = partial(sample_with_generate, model, ids, mask, new, temperature=1.0)
     sample_with_generate(model, ids, mask, 4, temperature=1.0)  # warm-ups: generate cheaply (it is slow), ours
     ours()
     base_repeats = 1 if device.type == "cuda" else size.repeats  # generate takes ~10 s a run on the GPU
@@ -65,7 +77,7 @@ def rollouts(model, injector, prompt: list[int], batch: int, new: int, size) -> 
     assert ours_out.shape == base_out.shape == (batch, new), (ours_out.shape, base_out.shape)
     config = f"batch {batch} x {new} new tokens, LoRA r={size.lora_r}"
     tokens = batch * new
-    label = "nla.sampling.sample" + (" + CUDA graph" if device.type == "cuda" else "")
+    label = "merged copy + Decoder" + (" (CUDA graph reused)" if device.type == "cuda" else "")
     results = [
         Result(
             "AV rollout",
@@ -79,29 +91,40 @@ def rollouts(model, injector, prompt: list[int], batch: int, new: int, size) -> 
             base_peak,
         )
     ]
-    if device.type == "cuda":  # ablation: the same decode loop without the graph
-        [(eager_s, eager_peak, _)] = measure((partial(ours, cuda_graph=False), size.repeats), device=device)
-        results.append(
-            Result(
-                "AV rollout",
-                config,
-                "tokens/s",
-                tokens / eager_s,
-                tokens / base_s,
-                "sample, no CUDA graph",
-                "model.generate",
-                eager_peak,
-                base_peak,
-                "ablation",
+    if device.type == "cuda":
+        eager = Decoder(merged.model, cuda_graph=False)
+        ablations = {
+            "sample on the LoRA AV, graph per call": partial(
+                sample, model, ids, mask, new, temperature=1.0, generator=generator
+            ),
+            "merged copy, no CUDA graph": partial(eager.sample, ids, mask, new, temperature=1.0, generator=generator),
+        }
+        for name, fn in ablations.items():
+            [(seconds, peak, _)] = measure((fn, size.repeats), device=device)
+            results.append(
+                Result(
+                    "AV rollout",
+                    config,
+                    "tokens/s",
+                    tokens / seconds,
+                    tokens / base_s,
+                    name,
+                    "model.generate",
+                    peak,
+                    base_peak,
+                    "ablation",
+                )
             )
-        )
 
-    rows = min(batch, 16)  # greedy agreement on a slice (generate is slow)
-    injector.bind(torch.randn(rows, d, device=device, generator=torch.Generator(device=device).manual_seed(1)))
-    greedy = sample(model, ids[:rows], mask[:rows], new)
-    reference = sample_with_generate(model, ids[:rows], mask[:rows], new)
+    rows = min(batch, 16)  # greedy agreement on a slice (generate is slow), on the same merged weights
+    check = torch.randn(rows, d, device=device, generator=torch.Generator(device=device).manual_seed(1))
+    merged.injector.bind(check)
+    greedy = merged.decoder.sample(ids[:rows], mask[:rows], new)
+    reference = sample_with_generate(merged.model, ids[:rows], mask[:rows], new)
     same = (greedy == reference).all(dim=1).float().mean().item()
     results[0].check = f"greedy rows equal to generate: {same:.0%}"
+    injector.bind(None)
+    merged.injector.bind(None)
     return results
 
 

@@ -20,7 +20,10 @@ inside the training functions, so loading and generation work where they are mis
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +38,12 @@ from nla.extract import load_rows
 from nla.injection import ActivationInjector, Marker, anchor_marker, choose_marker_char
 from nla.io import atomic_dir, read_table, write_json
 from nla.models import check_layer, d_model, load_model, load_tokenizer, resolve_source
-from nla.sampling import sample
+from nla.sampling import Decoder
 from nla.sidecar import check_compatible, make_meta, read_sidecar, sidecar_path, write_sidecar
 
 LABELS_FILE = "explanations.parquet"
 MERGED_DIR = "merged"
+RESUME_FILE = "nla_resume.json"  # written last into a trainer checkpoint: it is complete and whose run it is
 SHUFFLE_SEED = 1234
 MSE_NORMALISATION = (
     "unit vectors: u = v/||v||, mse_nrm = mean ||u_hat - u||^2; "
@@ -131,6 +135,43 @@ class Explanation:
     closed: bool  # the closing tag came before the token cap
 
 
+class MergedCopy:
+    """An inference copy of a LoRA AV in training, with its active adapter merged in, kept in sync.
+
+    Why: decoding a small model is bound by kernel launches (a step of the 135M AV is ~2k tiny
+    kernels, even inside a CUDA graph each costs microseconds), and an unmerged LoRA projection
+    adds four kernels (A, B, scale, add) to its one matmul. RL samples from this copy instead.
+    `sync()` rewrites each merged weight in place (W + s·BA), so the copy's `Decoder` keeps
+    replaying its captured graphs; merging into the trained model itself and unmerging after
+    would drift its bf16 base weights by rounding at every RL step. The copy costs one more
+    set of base weights in memory. Log-probs for the RL objective still come from the trained
+    model, so a last-bit difference between merged and unmerged logits only makes the samples
+    negligibly off-policy.
+    """
+
+    def __init__(self, peft_model: torch.nn.Module, injector: ActivationInjector):
+        from peft.tuners.lora import LoraLayer
+
+        self.adapter = peft_model.active_adapter
+        with injector.detached():  # copy the modules, not the hooks (they hold the original's state)
+            clone = copy.deepcopy(peft_model)
+        self.model = clone.merge_and_unload(adapter_names=[self.adapter]).eval().requires_grad_(False)
+        self.injector = injector.like(self.model)
+        self.decoder = Decoder(self.model)
+        base = peft_model.get_base_model()
+        self._pairs = [
+            (layer, self.model.get_submodule(name))
+            for name, layer in base.named_modules()
+            if isinstance(layer, LoraLayer) and self.adapter in layer.lora_A
+        ]
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Copy the current adapter into the merged weights: W_copy ← W_base + s·B·A, in place."""
+        for layer, target in self._pairs:
+            target.weight.copy_(layer.base_layer.weight + layer.get_delta_weight(self.adapter))
+
+
 @dataclass
 class AV:
     """A model with an attached injector, ready to verbalize activation vectors."""
@@ -141,6 +182,8 @@ class AV:
     marker: Marker
     meta: dict
     prompts: PromptConfig = field(default_factory=PromptConfig)
+    _decoder: Decoder | None = field(default=None, init=False, repr=False)
+    _merged: MergedCopy | None = field(default=None, init=False, repr=False)
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -171,32 +214,39 @@ class AV:
         vectors = self._check(vectors)
         prompt = torch.tensor(self.prompt_ids, device=self.device)
         eos = self.tokenizer.eos_token_id
+        injector, decoder = self._decoding()
         out: list[Explanation] = []
         starts = range(0, len(vectors), batch_size)
         for start in tqdm(starts, desc="av generate", unit="batch", disable=len(starts) < 2):
             batch = vectors[start : start + batch_size]
             # Identical prompts: no padding is needed; decode appends on the right.
             ids = prompt.expand(len(batch), -1)
-            self.injector.bind(batch)
+            injector.bind(batch)
             try:
-                with torch.no_grad():
-                    new = sample(
-                        self.model,
-                        ids,
-                        torch.ones_like(ids),
-                        max_new_tokens,
-                        temperature,
-                        stop_ids={eos},
-                        pad_id=self.tokenizer.pad_token_id,
-                    )
+                new = decoder.sample(
+                    ids, torch.ones_like(ids), max_new_tokens, temperature, {eos}, pad_id=self.tokenizer.pad_token_id
+                )
             finally:
-                self.injector.bind(None)
+                injector.bind(None)
             seqs = torch.cat([ids, new], dim=1)
             for row in seqs[:, len(prompt) :].tolist():
                 row = row[: row.index(eos) + 1] if eos in row else row
                 text, closed = parse_completion(self.tokenizer.decode(row, skip_special_tokens=True), self.prompts)
                 out.append(Explanation(text, tuple(row), closed))
         return out
+
+    def _decoding(self) -> tuple[ActivationInjector, Decoder]:
+        """What generation runs on: the model itself, or for a LoRA AV (in training) its merged copy, synced."""
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):  # inference loads are merged already (`load_av`)
+            if self._merged is None:
+                self._merged = MergedCopy(self.model, self.injector)
+            self._merged.sync()
+            return self._merged.injector, self._merged.decoder
+        if self._decoder is None:
+            self._decoder = Decoder(self.model)
+        return self.injector, self._decoder
 
     def completion_log_probs(
         self, vectors: torch.Tensor, completion_ids: list[list[int]], temperature: float = 1.0
@@ -256,7 +306,8 @@ def load_av(
     """Load an AV checkpoint and refuse when its sidecar disagrees with the live model/tokenizer.
 
     `layer`: the layer of the activations you will feed (checked against the sidecar).
-    `trainable`: LoRA adapters load with gradients on (RL); full weights are always trainable.
+    `trainable`: LoRA adapters load with gradients on (RL); otherwise they are merged into the
+    base weights (a plain transformers model). Full weights are always trainable.
     """
     ckpt = Path(checkpoint_dir)
     meta = read_sidecar(ckpt)
@@ -289,6 +340,8 @@ def load_av(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(ckpt), is_trainable=trainable)
+        if not trainable:  # one matmul per projection instead of three plus an add: faster decoding
+            model = model.merge_and_unload()
     elif weights == "full":
         model, _, _ = load_model(ModelConfig(name=str(ckpt), dtype=meta.get("dtype", "auto"), device=device))
     else:
@@ -366,14 +419,19 @@ class VectorCollator:
 def av_trainer_class():
     """`SFTTrainer` whose compute_loss binds the batch's vectors to the injector before the forward.
 
-    Built lazily because TRL is absent on the GPU machine, where only loading/generation runs.
+    Its checkpoints are the Trainer's own (weights, optimizer, scheduler, RNG states, log
+    history) plus `RESUME_FILE` naming the run: HF writes `checkpoint-N` in place, so only a
+    folder where that file (renamed in, after everything else) exists is whole. Older
+    checkpoints are removed only then. Built lazily because TRL is absent on the GPU machine,
+    where only loading/generation runs.
     """
     from trl import SFTTrainer
 
     class AVTrainer(SFTTrainer):
-        def __init__(self, *args, injector: ActivationInjector, **kwargs):
+        def __init__(self, *args, injector: ActivationInjector, resume_key: str = "", **kwargs):
             super().__init__(*args, **kwargs)
             self.injector = injector
+            self.resume_key = resume_key
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self.injector.bind(inputs.pop("nla_vectors"))
@@ -381,16 +439,84 @@ def av_trainer_class():
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
 
+        def _save_checkpoint(self, model, trial) -> None:
+            if self.state.global_step >= self.state.max_steps:
+                return  # the stage saves the final AV; a resume from here would even train one step too many
+            super()._save_checkpoint(model, trial)
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            write_json(folder / RESUME_FILE, {"key": self.resume_key, "step": self.state.global_step})
+            clear_checkpoints(Path(self.args.output_dir), keep=folder)
+
     return AVTrainer
+
+
+def clear_checkpoints(work_dir: Path, keep: Path | None = None) -> None:
+    """Remove the trainer checkpoints in `work_dir` other than `keep`, each resume file first.
+
+    A kill midway through removing a folder then leaves one that is never resumed from.
+    """
+    for folder in work_dir.glob("checkpoint-*"):
+        if folder != keep:
+            (folder / RESUME_FILE).unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def resume_checkpoint(work_dir: Path, key: str) -> Path | None:
+    """The newest complete checkpoint of the run `key` in `work_dir`, the others removed; None: start over.
+
+    Removing the rest at the start also means a half-written folder is never written into again
+    while it still holds an old `RESUME_FILE`.
+    """
+    found, step = None, -1
+    for folder in work_dir.glob("checkpoint-*"):
+        marker = folder / RESUME_FILE
+        info = json.loads(marker.read_text()) if marker.is_file() else {}
+        if info.get("key") == key and info["step"] > step:
+            found, step = folder, info["step"]
+    if found is None and any(work_dir.glob("checkpoint-*")):
+        tqdm.write(f"av_sft: ignoring the checkpoints in {work_dir} (incomplete, or other inputs or params)")
+    clear_checkpoints(work_dir, keep=found)
+    return found
+
+
+def av_resume_key(cfg: NLAConfig, source_fingerprint: str, scale: float | None, rows: pd.DataFrame) -> str:
+    """Identity of an av_sft run for resuming: its params, the model, the scale and the exact training rows."""
+    blob = json.dumps(
+        [
+            cfg.av_sft.model_dump(),
+            cfg.model.model_dump(),
+            cfg.prompts.model_dump(),
+            cfg.injection.model_dump(),
+            source_fingerprint,
+            scale,
+            rows.row_id.tolist(),
+            rows.explanation.tolist(),
+        ],
+        sort_keys=True,
+        default=str,
+    )
+    digest = hashlib.sha256(blob.encode())
+    digest.update(np.stack(rows.vector.to_numpy()).astype(np.float32).tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- SFT
 
 
 def fit_av(
-    cfg: NLAConfig, rows: pd.DataFrame, scale: float | None, work_dir: str | Path, max_steps: int | None = None
+    cfg: NLAConfig,
+    rows: pd.DataFrame,
+    scale: float | None,
+    work_dir: str | Path,
+    max_steps: int | None = None,
+    resume_key: str | None = None,
 ) -> tuple[AV, list[dict], dict]:
-    """Fine-tune a fresh AV on `rows` (vector, explanation); returns (AV, log history, train stats)."""
+    """Fine-tune a fresh AV on `rows` (vector, explanation); returns (AV, log history, train stats).
+
+    With `resume_key`, a trainer checkpoint every `av_sft.save_steps` steps in `work_dir` lets a
+    killed run continue exactly where it stopped when rerun with the same key; the log history
+    then holds every step, the ones before the kill included.
+    """
     from datasets import Dataset
     from trl import SFTConfig
 
@@ -402,6 +528,7 @@ def fit_av(
     if sft.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
+        torch.manual_seed(sft.seed)  # the LoRA init: the Trainer seeds only later, a rerun must start from the same A
         model = get_peft_model(
             model,
             LoraConfig(
@@ -418,6 +545,7 @@ def fit_av(
             f"av_sft.max_length={sft.max_length} leaves no room after the {len(prompt_ids)}-token AV prompt; raise it"
         )
     dataset = Dataset.from_dict(encode_examples(tokenizer, cfg.prompts, prompt_ids, rows))
+    checkpoints = resume_key is not None and sft.save_steps > 0
     device = next(model.parameters()).device
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     args = SFTConfig(
@@ -430,7 +558,8 @@ def fit_av(
         warmup_steps=sft.warmup_ratio,
         lr_scheduler_type="linear",
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if checkpoints else "no",
+        save_steps=max(sft.save_steps, 1),
         report_to="none",
         seed=sft.seed,
         max_length=sft.max_length,
@@ -449,19 +578,25 @@ def fit_av(
         processing_class=tokenizer,
         data_collator=VectorCollator(tokenizer.pad_token_id),
         injector=injector,
+        resume_key=resume_key or "",
     )
+    resume = resume_checkpoint(Path(work_dir), resume_key) if checkpoints else None
+    first = json.loads((resume / RESUME_FILE).read_text())["step"] if resume else 0
+    if resume:
+        tqdm.write(f"av_sft: resumed at step {first} from {resume}")
     start = time.perf_counter()
-    result = trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - start
     injector.bind(None)
     model.eval()
-    log = [e for e in trainer.state.log_history if "loss" in e]
-    n_tokens = float(log[-1].get("num_tokens", 0.0)) if log else 0.0  # TRL's count of non-pad tokens trained on
+    log = [e for e in trainer.state.log_history if "loss" in e]  # restored from the checkpoint on resume
+    new = [e for e in log if e["step"] > first]  # TRL counts the non-pad tokens trained on in this process only
+    n_tokens = float(new[-1].get("num_tokens", 0.0)) if new else 0.0
     stats = {
         "seconds": seconds,
         "steps": trainer.state.global_step,
         "epochs": float(trainer.state.epoch or 0.0),
-        "train_loss": float(result.training_loss),
+        "train_loss": float(np.mean([e["loss"] for e in log])) if log else float("nan"),  # all steps, resumed or not
         "tokens_per_s": n_tokens / max(seconds, 1e-9),
         "rows": len(rows),
         "fingerprint": source.fingerprint,
@@ -499,6 +634,8 @@ def run_av_sft(
 ) -> dict:
     """Train the AV on the av_sft rows and save checkpoint + sidecar; returns the training metrics.
 
+    A killed run resumes from its last trainer checkpoint in `work_dir` (every
+    `av_sft.save_steps` steps; removed once the AV is saved) when the inputs and params match.
     Metrics (JSON, for `dvc metrics`) go to `metrics_path` and the per-step loss (CSV, for
     `dvc plots`) to `plots_path`; both default to files inside `out_dir`.
     """
@@ -513,7 +650,8 @@ def run_av_sft(
             f"{activations_dir} was extracted from {act_meta['base_model_fingerprint']} but the AV base is "
             f"{fingerprint}; use the same model.name for extract and av_sft"
         )
-    av, log, stats = fit_av(cfg, rows, scale, work_dir)
+    resume_key = av_resume_key(cfg, fingerprint, scale, rows)
+    av, log, stats = fit_av(cfg, rows, scale, work_dir, resume_key=resume_key)
     metrics = {
         "rows": len(rows),
         "steps": stats["steps"],
@@ -565,6 +703,8 @@ def run_av_sft(
         write_sidecar(tmp, meta)
     write_json(metrics_path or out_dir.with_name(out_dir.name + "_metrics.json"), metrics)
     write_loss_csv(plots_path or out_dir.with_name(out_dir.name + "_loss.csv"), log)
+    clear_checkpoints(Path(work_dir))  # the AV is saved: a rerun starts over, as `dvc repro` expects
+    shutil.rmtree(work_dir, ignore_errors=True)  # and TRL's model card, written beside the checkpoints
     return metrics
 
 

@@ -163,6 +163,9 @@ class AVSFTConfig(Section):
     grad_accum: int = Field(1, ge=1)
     warmup_ratio: float = Field(0.05, ge=0, le=1)
     gradient_checkpointing: bool = False
+    save_steps: int = Field(
+        25, ge=0
+    )  # steps between trainer checkpoints (data/work/av_sft) a killed run resumes from; 0: none
     merge: bool = False  # also save merged full weights
     seed: int = 0
     max_length: int = Field(160, ge=16)  # prompt + completion tokens; longer targets are cut at the end

@@ -27,6 +27,7 @@ instead of silently running without injection.
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -158,12 +159,31 @@ class ActivationInjector:
         self.vectors: torch.Tensor | None = None
         self.n_injections = 0
         self._sites: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._model = model
+        self._handles: list = []
+        self._attach()
+
+    def _attach(self) -> None:
+        model = self._model
         self._handles = [
             model.register_forward_pre_hook(self._on_model, with_kwargs=True),
             input_embeddings(model).register_forward_hook(self._on_embeddings),
         ]
-        if mode == "karvonen":
-            self._handles.append(blocks[karvonen_block].register_forward_hook(self._on_block))
+        if self.mode == "karvonen":
+            self._handles.append(decoder_blocks(model)[self.karvonen_block].register_forward_hook(self._on_block))
+
+    def like(self, model: nn.Module) -> ActivationInjector:
+        """A new injector with this one's marker, mode and scale, hooked into `model` (e.g. a copy)."""
+        return ActivationInjector(model, self.marker, self.mode, self.scale, self.karvonen_block)
+
+    @contextmanager
+    def detached(self):
+        """The model without these hooks for the duration (to deep-copy it without them), re-hooked after."""
+        self.remove()
+        try:
+            yield
+        finally:
+            self._attach()
 
     def bind(self, vectors: torch.Tensor | None) -> None:
         """Set the vectors for the next forward passes (one per site, row-major); None disables."""

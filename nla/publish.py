@@ -104,9 +104,9 @@ def export_av(checkpoint: Path, dest: Path, merge: bool) -> dict[str, Any]:
         else:
             from nla.av import load_av
 
-            av = load_av(checkpoint)
+            av = load_av(checkpoint)  # an inference load merges the adapter into the weights
             av.injector.remove()  # the hooks are runtime state; the saved weights are plain
-            av.model.merge_and_unload().save_pretrained(dest)
+            av.model.save_pretrained(dest)
             av.tokenizer.save_pretrained(dest)
         meta = {**meta, "weights": "full", "merged_from": "adapter"}
     else:

@@ -77,6 +77,7 @@ LOG_FIELDS = [
     "malformed_frac",
     "ar_loss",
     "loss",
+    "generate_seconds",
     "seconds",
 ]
 EVAL_FIELDS = ["step", "fve_heldout", "mse_heldout", "len_mean", "malformed_frac"]
@@ -198,6 +199,7 @@ def rl_step(
         samples = av.generate(
             rows, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=len(rows)
         )
+    generate_seconds = time.perf_counter() - t0  # generate returns host lists: the GPU work is done
     texts = [s.text for s in samples]
     ids = [list(s.token_ids) for s in samples]
     n_tokens = torch.tensor([len(t) for t in ids])
@@ -252,6 +254,7 @@ def rl_step(
         "malformed_frac": float(malformed.float().mean()),
         "ar_loss": ar_loss,
         "loss": float(loss.detach()),
+        "generate_seconds": generate_seconds,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -427,6 +430,9 @@ def summarize(state: RLState, seconds: float) -> dict[str, float]:
             "kl_last": log[-1]["kl"],
             "len_mean_last": log[-1]["len_mean"],
             "seconds_per_step": float(np.mean([e["seconds"] for e in log])),
+            "generate_share": float(
+                sum(e["generate_seconds"] for e in log) / max(sum(e["seconds"] for e in log), 1e-9)
+            ),
         }
     if evals:
         metrics |= {"fve_heldout_start": evals[0]["fve_heldout"], "fve_heldout_end": evals[-1]["fve_heldout"]}

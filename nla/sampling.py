@@ -18,12 +18,13 @@ RL and evaluation, which are mostly generation, ran at ~800 tokens/s on an H100.
   `check_every` steps, so the GPU is never idle waiting for the CPU.
 
 What a graph captures: only device work. Python state read while the model runs (hooks,
-the active LoRA adapter, bound vectors, train/eval mode) is read once at capture, so the
-graph is captured afresh in every call and never reused across calls: whatever was
-switched between calls (adapter, `bind()`, weights updated by an optimizer) holds in the
-next call. Decode steps hold no marker sites (the injection hook returns at once for
-``seq_len == 1``, as it does in `generate`), so the graph contains no injection; the
-prefill, which carries it, always runs eagerly.
+the active LoRA adapter, bound vectors, train/eval mode) is read once at capture. `sample`
+therefore captures afresh in every call, so whatever was switched between calls holds in the
+next one; a `Decoder` keeps its graphs across calls for a model whose Python state stays put
+and whose weights change only in place (RL's merged rollout copy, `nla.av.MergedCopy`).
+Decode steps hold no marker sites (the injection hook returns at once for ``seq_len == 1``,
+as it does in `generate`), so the graph contains no injection; the prefill, which carries
+it, always runs eagerly.
 
 Positions come from the attention mask (0, 1, 2, … over real tokens), so left padding gives
 each row the same logits as it would get alone; under greedy decoding the tokens equal
@@ -33,6 +34,10 @@ each row the same logits as it would get alone; under greedy decoding the tokens
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -143,7 +148,165 @@ def _check_inputs(
         )
 
 
-@torch.no_grad()
+@dataclass
+class _StepInputs:
+    """The fixed inputs of the one-token decode step for one batch shape, and its captured graph."""
+
+    kv: StaticKV
+    ids: torch.Tensor  # (N, 1) the token fed
+    positions: torch.Tensor  # (N, 1) its position
+    slot: torch.Tensor  # (1,) the cache slot it is written to
+    mask: torch.Tensor | dict[str, torch.Tensor]  # additive attention bias, or one per layer type
+    replay: Callable[[], torch.Tensor] | None = None  # the captured step (CUDA), else None
+
+
+class Decoder:
+    """`sample` for one model, keeping the decode buffers and CUDA graphs of each batch shape.
+
+    A graph is captured once per shape (rows, prompt length, max_new_tokens) and replayed by
+    every later call of that shape: RL and evaluation sample the same shape again and again and
+    so pay the capture (a few eager forwards) once. Reuse is valid while the model's one-token
+    step does the same device work: weights may change **in place** (optimizer steps, `copy_`),
+    but not the module structure, the active adapter or the hooks. The function `sample` makes a
+    fresh Decoder per call and so never reuses anything.
+    """
+
+    def __init__(self, model: nn.Module, cuda_graph: bool | None = None, max_shapes: int = 4):
+        self.model = model
+        self.device = input_embeddings(model).weight.device
+        self.dtype = input_embeddings(model).weight.dtype
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda" and os.environ.get("NLA_CUDA_GRAPHS", "1") != "0"
+        if cuda_graph and self.device.type != "cuda":
+            raise NLAError("cuda_graph=True needs the model on a CUDA device")
+        self.cuda_graph, self.max_shapes = cuda_graph, max_shapes
+        self._steps: OrderedDict[tuple[int, int, int], _StepInputs] = OrderedDict()
+
+    def _step_inputs(self, n: int, prompt_len: int, max_new_tokens: int) -> _StepInputs:
+        key = (n, prompt_len, max_new_tokens)
+        if key in self._steps:
+            self._steps.move_to_end(key)
+        else:
+            if len(self._steps) >= self.max_shapes:
+                self._steps.popitem(last=False)  # the least recently used shape and its graph
+            zeros = partial(torch.zeros, dtype=torch.long, device=self.device)
+            self._steps[key] = _StepInputs(
+                StaticKV(prompt_len + max_new_tokens), zeros(n, 1), zeros(n, 1), zeros(1), {}
+            )
+        return self._steps[key]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        stop_ids: set[int] | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        stop_sequences: list[list[int]] | None = None,
+        pad_id: int | None = None,
+        check_every: int = 8,
+    ) -> torch.Tensor:
+        """Continue left-padded prompts: (N, T_new) new tokens, `pad_id` after each row's stop (see `sample`)."""
+        model, device, dtype = self.model, self.device, self.dtype
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device).bool()
+        _check_inputs(input_ids, attention_mask, max_new_tokens, temperature, generator, device)
+        pad_id = _default_pad(model) if pad_id is None else int(pad_id)
+        n, prompt_len = input_ids.shape
+        length = prompt_len + max_new_tokens
+        kinds, window = _mask_kinds(model, length)
+        step_in = self._step_inputs(n, prompt_len, max_new_tokens)
+        kv = step_in.kv
+
+        # Prefill: query i (slot i) sees real prompt slots j ≤ i (and j > i − window on sliding layers).
+        slot = torch.arange(length, device=device)
+        query = slot[:prompt_len, None]
+        real = torch.zeros(n, length, dtype=torch.bool, device=device)
+        real[:, :prompt_len] = attention_mask
+        causal = real[:, None, :] & (slot[None, None, :] <= query)  # (N, P, L)
+
+        def masks(allowed: torch.Tensor, q_slot: torch.Tensor):
+            full = _bias(allowed, dtype)
+            if kinds is None:
+                return full
+            sliding = _bias(allowed & (slot > q_slot - window), dtype)
+            return {FULL: full, SLIDING: sliding}
+
+        positions = (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+        kv.slots = slot[:prompt_len]
+        was_training = model.training
+        model.eval()  # no dropout, and no gradient-checkpointing path that drops the cache
+        try:
+            out = model(
+                input_ids=input_ids,
+                attention_mask=masks(causal, query),
+                position_ids=positions,
+                past_key_values=kv,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits = out.logits[:, -1]
+
+            # Decode inputs: fixed buffers, reset in place for this call and updated in place per step.
+            step_in.positions.copy_(attention_mask.long().sum(dim=1, keepdim=True))  # the first new token's position
+            step_in.slot.fill_(prompt_len)
+            kv.slots = step_in.slot
+            first_mask = masks(real[:, None, :] | (slot == prompt_len)[None, None, :], step_in.slot[:, None])
+            if isinstance(first_mask, dict):
+                for kind, bias in first_mask.items():
+                    step_in.mask.setdefault(kind, torch.empty_like(bias)).copy_(bias)
+            elif isinstance(step_in.mask, torch.Tensor):
+                step_in.mask.copy_(first_mask)
+            else:
+                step_in.mask = first_mask
+            step_mask = step_in.mask
+            bias_of = list(step_mask.values()) if isinstance(step_mask, dict) else [step_mask]
+
+            def step() -> torch.Tensor:
+                return model(
+                    input_ids=step_in.ids,
+                    attention_mask=step_in.mask,
+                    position_ids=step_in.positions,
+                    past_key_values=kv,
+                    use_cache=True,
+                ).logits[:, -1]
+
+            stop_tensor = torch.tensor(sorted(stop_ids or ()), dtype=torch.long, device=device)
+            sequences = [torch.tensor(s, dtype=torch.long, device=device) for s in (stop_sequences or []) if len(s)]
+            tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
+            lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)
+            done = torch.zeros(n, dtype=torch.bool, device=device)
+            for t in range(max_new_tokens):
+                if t > 0:
+                    if self.cuda_graph and step_in.replay is None:
+                        step_in.replay = _capture(step, device)  # at t = 1: the warm-ups rewrite slot prompt_len
+                    logits = step_in.replay() if self.cuda_graph else step()
+                nxt = torch.where(done, pad_id, _pick(logits, temperature, generator))
+                tokens[:, t] = nxt
+                hit = torch.isin(nxt, stop_tensor)
+                for seq in sequences:
+                    if t + 1 >= len(seq):
+                        hit |= (tokens[:, t + 1 - len(seq) : t + 1] == seq).all(dim=1)
+                lengths = torch.where(hit & ~done, t + 1, lengths)
+                done |= hit
+                if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
+                    break
+                # Feed the token just drawn: it goes to slot prompt_len + t, at position n_real + t.
+                step_in.ids.copy_(nxt[:, None])
+                if t > 0:
+                    step_in.positions.add_(1)
+                    step_in.slot.add_(1)
+                    for bias in bias_of:
+                        bias[..., prompt_len + t] = 0
+                    if kinds is not None and prompt_len + t - window >= 0:
+                        step_mask[SLIDING][..., prompt_len + t - window] = torch.finfo(dtype).min
+            return tokens[:, : int(lengths.max())]
+        finally:
+            model.train(was_training)
+
+
 def sample(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -165,97 +328,20 @@ def sample(
     at most `max_new_tokens`. `temperature` 0 is greedy; otherwise tokens are drawn from
     softmax(logits / T) with `generator` (on the model's device) for reproducibility.
     `cuda_graph` None means "on when the model is on CUDA" (NLA_CUDA_GRAPHS=0 in the environment turns
-    the default off, a switch for debugging a driver without touching code).
+    the default off, a switch for debugging a driver without touching code). Every call captures
+    afresh; keep a `Decoder` to reuse graphs across calls.
     """
-    device = input_embeddings(model).weight.device
-    dtype = input_embeddings(model).weight.dtype
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device).bool()
-    _check_inputs(input_ids, attention_mask, max_new_tokens, temperature, generator, device)
-    pad_id = _default_pad(model) if pad_id is None else int(pad_id)
-    if cuda_graph is None:
-        cuda_graph = device.type == "cuda" and os.environ.get("NLA_CUDA_GRAPHS", "1") != "0"
-    use_graph = cuda_graph
-    if use_graph and device.type != "cuda":
-        raise NLAError("cuda_graph=True needs the model on a CUDA device")
-    n, prompt_len = input_ids.shape
-    length = prompt_len + max_new_tokens
-    kinds, window = _mask_kinds(model, length)
-
-    # Prefill: query i (slot i) sees real prompt slots j ≤ i (and j > i − window on sliding layers).
-    slot = torch.arange(length, device=device)
-    query = slot[:prompt_len, None]
-    real = torch.zeros(n, length, dtype=torch.bool, device=device)
-    real[:, :prompt_len] = attention_mask
-    causal = real[:, None, :] & (slot[None, None, :] <= query)  # (N, P, L)
-
-    def masks(allowed: torch.Tensor, q_slot: torch.Tensor):
-        full = _bias(allowed, dtype)
-        if kinds is None:
-            return full
-        sliding = _bias(allowed & (slot > q_slot - window), dtype)
-        return {FULL: full, SLIDING: sliding}
-
-    positions = (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
-    kv = StaticKV(length)
-    kv.slots = slot[:prompt_len]
-    was_training = model.training
-    model.eval()  # no dropout, and no gradient-checkpointing path that drops the cache
-    try:
-        out = model(
-            input_ids=input_ids,
-            attention_mask=masks(causal, query),
-            position_ids=positions,
-            past_key_values=kv,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1]
-
-        # Decode buffers: every input of the step is a fixed tensor updated in place.
-        step_ids = torch.zeros(n, 1, dtype=torch.long, device=device)
-        step_pos = attention_mask.long().sum(dim=1, keepdim=True)  # position of the first new token
-        kv.slots = torch.full((1,), prompt_len, dtype=torch.long, device=device)
-        step_mask = masks(real[:, None, :] | (slot == prompt_len)[None, None, :], kv.slots[:, None])
-        bias_of = list(step_mask.values()) if isinstance(step_mask, dict) else [step_mask]
-
-        def step() -> torch.Tensor:
-            return model(
-                input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, past_key_values=kv, use_cache=True
-            ).logits[:, -1]
-
-        stop_tensor = torch.tensor(sorted(stop_ids or ()), dtype=torch.long, device=device)
-        sequences = [torch.tensor(s, dtype=torch.long, device=device) for s in (stop_sequences or []) if len(s)]
-        tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)
-        done = torch.zeros(n, dtype=torch.bool, device=device)
-        run_step = step
-        for t in range(max_new_tokens):
-            if t > 0:
-                if t == 1 and use_graph:
-                    run_step = _capture(step, device)
-                logits = run_step()
-            nxt = torch.where(done, pad_id, _pick(logits, temperature, generator))
-            tokens[:, t] = nxt
-            hit = torch.isin(nxt, stop_tensor)
-            for seq in sequences:
-                if t + 1 >= len(seq):
-                    hit |= (tokens[:, t + 1 - len(seq) : t + 1] == seq).all(dim=1)
-            lengths = torch.where(hit & ~done, t + 1, lengths)
-            done |= hit
-            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
-                break
-            # Feed the token just drawn: it goes to slot prompt_len + t, at position n_real + t.
-            step_ids.copy_(nxt[:, None])
-            if t > 0:
-                step_pos.add_(1)
-                kv.slots.add_(1)
-                for bias in bias_of:
-                    bias[..., prompt_len + t] = 0
-                if kinds is not None and prompt_len + t - window >= 0:
-                    step_mask[SLIDING][..., prompt_len + t - window] = torch.finfo(dtype).min
-        return tokens[:, : int(lengths.max())]
-    finally:
-        model.train(was_training)
+    return Decoder(model, cuda_graph, max_shapes=1).sample(
+        input_ids,
+        attention_mask,
+        max_new_tokens,
+        temperature,
+        stop_ids,
+        generator,
+        stop_sequences=stop_sequences,
+        pad_id=pad_id,
+        check_every=check_every,
+    )
 
 
 def _capture(step, device: torch.device):

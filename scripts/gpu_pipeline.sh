@@ -4,7 +4,7 @@
 #   RUN_DIR=/root/nla-run bash scripts/gpu_pipeline.sh [STAGE ...]
 # The first call copies the repository to RUN_DIR and applies the profile; later calls continue
 # there, so one run can span several device calls. MODEL and PROFILE override the defaults.
-# Results (metrics/, plots/, reports/samples.md, stage times, tables) are copied to $OUT.
+# Results (metrics/, plots/, reports/samples.md, tables in results.tgz; stage times) go to $OUT.
 # The quality gates run afterwards, on a machine with great_expectations, on the copied tables.
 set -euo pipefail
 MODEL=${MODEL:-/root/nla-model/model.gguf}
@@ -33,7 +33,7 @@ for stage in $STAGES; do
   python3 -m nla.cli "$stage" 2>&1 | tr '\r' '\n' | grep -vE "it/s\]$|s/it\]$" | tail -n 25
   echo "stage $stage: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/stage_times.txt"
 done
-cp -r metrics plots "$OUT/" 2>/dev/null || true
-cp reports/samples.md "$OUT/" 2>/dev/null || true
-[ -d data/labels ] && tar czf "$OUT/tables.tgz" data/split data/labels data/activations/nla_meta.yaml
+# One archive: the device returns at most 8 files from $OUT.
+results=$(ls -d metrics plots reports/samples.md data/split data/labels data/activations/nla_meta.yaml 2>/dev/null || true)
+[ -n "$results" ] && tar czf "$OUT/results.tgz" $results
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader || true

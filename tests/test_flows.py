@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -254,13 +255,10 @@ def test_failing_gate_stops_the_flow_with_its_message(tmp_path):
 # ----------------------------------------------------------------------------- real server
 
 
-@pytest.mark.slow
-def test_flow_reruns_nothing_unchanged_and_publishes_only_on_improvement(tmp_path, in_process_api, monkeypatch):
-    """Three runs: first (nothing published) uploads; unchanged params skip every stage and upload nothing;
-    a better key metric uploads again. The upload is a local stand-in for the Hub (unreachable here)."""
+@pytest.fixture
+def hub_calls(monkeypatch) -> list[dict]:
+    """`HfApi.create_repo`/`upload_folder` replaced by a local stand-in recording its calls (the Hub is unreachable)."""
     from huggingface_hub import HfApi
-
-    from flows.pipeline import nla_pipeline
 
     calls: list[dict] = []
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append({"create": repo_id}))
@@ -272,6 +270,17 @@ def test_flow_reruns_nothing_unchanged_and_publishes_only_on_improvement(tmp_pat
             or f"https://hub.local/{kw['repo_id']}"
         ),
     )
+    return calls
+
+
+@pytest.mark.slow
+def test_flow_reruns_nothing_unchanged_and_publishes_only_on_improvement(
+    tmp_path, in_process_api, hub_calls, monkeypatch
+):
+    """Three runs: first (nothing published) uploads; unchanged params skip every stage and upload nothing;
+    a better key metric uploads again. The upload is a local stand-in for the Hub (unreachable here)."""
+    from flows.pipeline import nla_pipeline
+
     token = "hf_TESTtoken_never_written_0123456789"
     monkeypatch.setenv("NLA_TEST_HF_TOKEN", token)
     project = make_project(tmp_path / "p", value=3)
@@ -280,7 +289,7 @@ def test_flow_reruns_nothing_unchanged_and_publishes_only_on_improvement(tmp_pat
     first = state.result()
     assert state.is_completed() and first["improved"] and set(first["stages"].values()) == {"ran"}
     assert list(first["stages"]) == ["make", "validate_x", "evaluate", "publish"]
-    uploads = [c for c in calls if "upload" in c]
+    uploads = [c for c in hub_calls if "upload" in c]
     assert [c["upload"] for c in uploads] == [
         "nla-test/nla-smollm2-135m-instruct-l20-av",
         "nla-test/nla-smollm2-135m-instruct-l20-ar",
@@ -291,20 +300,66 @@ def test_flow_reruns_nothing_unchanged_and_publishes_only_on_improvement(tmp_pat
     assert "| fve_roundtrip_sft | 0.3000 | — | — |" in arts["nla-metrics"]
     assert "a cricket report" in arts["nla-samples"]
 
-    calls.clear()
+    hub_calls.clear()
     second = nla_pipeline(project_dir=str(project), publish=True)
-    assert set(second["stages"].values()) == {"skipped"} and not second["improved"] and calls == []
+    assert set(second["stages"].values()) == {"skipped"} and not second["improved"] and hub_calls == []
 
     set_value(project, 5)
     state = nla_pipeline(project_dir=str(project), publish=True, return_state=True)
     third = state.result()
-    assert third["improved"] and len([c for c in calls if "upload" in c]) == 2
+    assert third["improved"] and len([c for c in hub_calls if "upload" in c]) == 2
     assert (
         "| fve_roundtrip_sft | 0.5000 | 0.3000 | +0.2000 |"
         in artifacts_of(state.state_details.flow_run_id)["nla-metrics"]
     )
     leaked = [p for p in project.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
     assert leaked == []
+
+
+def stored_by_prefect(client, flow_run_id) -> dict[str, list[str]]:
+    """JSON of what the Prefect server keeps: every artifact (of any run), and this run's logs, record and task runs."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)  # logs reach the server in batches from a background worker
+    logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {
+        "artifacts": [a.model_dump_json() for a in client.read_artifacts()],
+        "logs": [log.model_dump_json() for log in logs],
+        "runs": [client.read_flow_run(flow_run_id).model_dump_json()] + [t.model_dump_json() for t in task_runs],
+    }
+
+
+@pytest.mark.slow
+def test_no_token_reaches_the_prefect_server(tmp_path, in_process_api, hub_calls, monkeypatch):
+    """A publishing run with fake tokens in every variable the code reads (the upload demonstrably uses the
+    Hub one): none appears in the artifacts, logs or run records the Prefect server stores."""
+    from prefect import get_client
+
+    from flows.pipeline import nla_pipeline
+
+    tag = uuid.uuid4().hex[:12]
+    secrets = {
+        "OPENAI_API_KEY": f"sk-nlafake-{tag}-openai",
+        "HF_TOKEN": f"hf_nlafake{tag}hub",
+        "HUGGING_FACE_HUB_TOKEN": f"hf_nlafake{tag}legacy",
+        "NLA_TEST_HF_TOKEN": f"hf_nlafake{tag}publish",  # the project's publish.token_env
+    }
+    for var, value in secrets.items():
+        monkeypatch.setenv(var, value)
+    state = nla_pipeline(project_dir=str(make_project(tmp_path / "p")), publish=True, return_state=True)
+    assert state.is_completed() and state.result()["improved"]
+    uploads = [c for c in hub_calls if "upload" in c]
+    assert len(uploads) == 2 and all(c["token"] == secrets["NLA_TEST_HF_TOKEN"] for c in uploads)
+
+    with get_client(sync_client=True) as client:
+        stored = stored_by_prefect(client, state.state_details.flow_run_id)
+    assert set(artifacts_of(state.state_details.flow_run_id)) == {"nla-metrics", "nla-samples"}
+    assert len(stored["logs"]) >= 5 and len(stored["runs"]) >= 5  # a stage line per stage, a task run per stage
+    text = "\n".join(line for lines in stored.values() for line in lines)
+    assert "a cricket report" in text and "published" in text  # the scan reads the samples artifact and the logs
+    assert [var for var, value in secrets.items() if value in text] == []
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):

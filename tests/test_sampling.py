@@ -12,7 +12,7 @@ from conftest import TINY, tiny_model
 
 from nla.config import NLAError
 from nla.injection import ActivationInjector, Marker
-from nla.sampling import sample, sample_with_generate, stop_lengths
+from nla.sampling import Decoder, sample, sample_with_generate, stop_lengths
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MARKER = Marker("m", token_id=7, left_id=5, right_id=9)  # tiny models: any ids will do
@@ -139,6 +139,27 @@ def test_lora_model_matches_generate():
     injector = ActivationInjector(model, MARKER, "replace", scale=4.0)
     injector.bind(torch.randn(3, TINY["hidden_size"]))
     assert torch.equal(sample(model, ids, mask, 8), sample_with_generate(model, ids, mask, 8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_decoder_reused_across_calls_equals_fresh_sampling(arch, device):
+    """A Decoder keeps buffers (and on CUDA the graph) per shape: later calls, with other vectors,
+    other padding, another shape and weights changed in place, must equal a fresh `sample` each time."""
+    model = on(device, tiny_model(arch))
+    injector = ActivationInjector(model, MARKER, "replace", scale=4.0)
+    decoder = Decoder(model)
+    g = torch.Generator().manual_seed(3)
+    for seed, rows, new in [(1, 3, 10), (2, 3, 10), (3, 5, 6), (4, 3, 10)]:
+        ids, mask = left_padded_prompts(n=rows, seed=seed)
+        injector.bind(torch.randn(rows, TINY["hidden_size"], generator=g) * 10)
+        reused = decoder.sample(ids, mask, new)
+        assert torch.equal(reused, sample(model, ids, mask, new)), f"{arch}: call with seed {seed}"
+        with torch.no_grad():  # an optimizer-like in-place update before the next call
+            for p in model.parameters():
+                p.mul_(1.05)
+    assert len(decoder._steps) == 2  # (3, 12, 10) and (5, 12, 6): the third 3-row call reused the first
+    injector.remove()
 
 
 @pytest.mark.slow

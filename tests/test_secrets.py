@@ -5,6 +5,8 @@ the Hub token and its legacy alias) against a real OpenAI-compatible server (`ll
 echo backend) that *checks* the key, so the label stage demonstrably read and sent it. Then
 every file the run wrote (project, HOME with caches and logs) and everything it printed is
 scanned for the token strings. A wrong key must fail the stage without echoing the key.
+What the Prefect server stores of a flow run (artifacts, logs, run records) is scanned the
+same way by `tests/test_flows.py::test_no_token_reaches_the_prefect_server`, beside its server.
 """
 
 from __future__ import annotations
