@@ -156,8 +156,13 @@ class _StepInputs:
     ids: torch.Tensor  # (N, 1) the token fed
     positions: torch.Tensor  # (N, 1) its position
     slot: torch.Tensor  # (1,) the cache slot it is written to
-    mask: torch.Tensor | dict[str, torch.Tensor]  # additive attention bias, or one per layer type
+    mask: torch.Tensor | dict[str, torch.Tensor] | None = None  # additive attention bias, or one per layer type
     replay: Callable[[], torch.Tensor] | None = None  # the captured step (CUDA), else None
+
+
+def _biases(mask: torch.Tensor | dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The bias tensors of a step mask in a fixed order: the one, or one per layer type."""
+    return [mask[kind] for kind in sorted(mask)] if isinstance(mask, dict) else [mask]
 
 
 class Decoder:
@@ -190,9 +195,7 @@ class Decoder:
             if len(self._steps) >= self.max_shapes:
                 self._steps.popitem(last=False)  # the least recently used shape and its graph
             zeros = partial(torch.zeros, dtype=torch.long, device=self.device)
-            self._steps[key] = _StepInputs(
-                StaticKV(prompt_len + max_new_tokens), zeros(n, 1), zeros(n, 1), zeros(1), {}
-            )
+            self._steps[key] = _StepInputs(StaticKV(prompt_len + max_new_tokens), zeros(n, 1), zeros(n, 1), zeros(1))
         return self._steps[key]
 
     @torch.no_grad()
@@ -254,15 +257,13 @@ class Decoder:
             step_in.slot.fill_(prompt_len)
             kv.slots = step_in.slot
             first_mask = masks(real[:, None, :] | (slot == prompt_len)[None, None, :], step_in.slot[:, None])
-            if isinstance(first_mask, dict):
-                for kind, bias in first_mask.items():
-                    step_in.mask.setdefault(kind, torch.empty_like(bias)).copy_(bias)
-            elif isinstance(step_in.mask, torch.Tensor):
-                step_in.mask.copy_(first_mask)
-            else:
+            if step_in.mask is None:
                 step_in.mask = first_mask
+            else:  # a reused shape: its graph reads these very tensors, so refill them
+                for bias, fresh in zip(_biases(step_in.mask), _biases(first_mask), strict=True):
+                    bias.copy_(fresh)
             step_mask = step_in.mask
-            bias_of = list(step_mask.values()) if isinstance(step_mask, dict) else [step_mask]
+            bias_of = _biases(step_mask)
 
             def step() -> torch.Tensor:
                 return model(
