@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The benchmarks on the GPU machine, in one call. Run from the repository root after the
-# two-call start of ../shared/ENVIRONMENT.md (model at /root/nla-model/model.gguf):
-#   run carry [".device/b"]:  bash .device/b/finish.sh && bash benchmarks/gpu_session.sh
+# The benchmarks on a GPU machine, in one command, from the repository root:
+#   bash benchmarks/gpu_session.sh
 # Writes to $OUT (or ./gpu-out): results-cuda.md, bench.jsonl, tests.log, env.txt, session.log.
-# Knobs: MODEL (default /root/nla-model/model.gguf), SIZE (gpu), DEVICE (cuda), CORPUS (documents
+# Knobs: MODEL (a GGUF file or any model.name), SIZE (gpu), DEVICE (cuda), CORPUS (documents
 # file), ONLY (e.g. "rollout rl"), SKIP_TESTS=1. A CPU dry run of this script:
 #   PATH=.venv/bin:$PATH DEVICE=cpu SIZE=small MODEL=embedded ONLY=ar SKIP_TESTS=1 bash benchmarks/gpu_session.sh
+# On the lent GPU machines (the default MODEL, how to start one): docs/maintainers.md.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 MODEL=${MODEL:-/root/nla-model/model.gguf}
@@ -23,7 +23,7 @@ start=$(date +%s)
 "cuda", torch.version.cuda, "transformers", transformers.__version__, "peft", peft.__version__)'
 } | tee "$OUT/env.txt"
 
-# 1. Nothing on the benchmarks' import path may need the pipeline-only packages missing here.
+# 1. Nothing on the benchmarks' import path may need the pipeline-only packages (GPU machines lack them).
 python3 - <<'EOF' || { echo "FAIL: a benchmark imports a pipeline-only package"; exit 1; }
 import importlib.abc, sys
 BLOCKED = {"prefect", "dvc", "great_expectations", "gensim"}
@@ -46,7 +46,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   fi
 fi
 
-# 3. Corpus for the extraction and AR benchmarks: gensim (the embedded corpus) is not installed here.
+# 3. Corpus for the extraction and AR benchmarks: gensim (the embedded corpus) may be missing, so it is carried.
 CORPUS=${CORPUS:-data/corpus/documents.parquet}
 [ -f "$CORPUS" ] || { echo "FAIL: $CORPUS not found; carry it (run 'nla corpus' here first) or set CORPUS"; exit 1; }
 

@@ -1,7 +1,7 @@
 """Run every benchmark at one size and write `benchmarks/results-<device>.md` (and JSON lines).
 
     python benchmarks/run_all.py --size small --threads 1          # the CPU machines
-    python benchmarks/run_all.py --size gpu --model /root/nla-model/model.gguf --results-dir "$OUT"
+    python benchmarks/run_all.py --size gpu --model path/to/model.gguf --results-dir "$OUT"
 
 A benchmark that cannot run here (say, RL before its prerequisites exist) is listed with
 its reason instead of stopping the others.

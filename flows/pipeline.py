@@ -28,7 +28,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
-from nla.config import PATHS, NLAError, apply_profile, load_config
+from nla.config import PATHS, apply_profile, load_config
+from nla.errors import NLAError
+from nla.io import write_json
 from nla.lock import workspace_lock
 
 GATE_PREFIX = "validate_"  # stages named validate_* are data-quality gates
@@ -195,7 +197,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 @task(cache_policy=NO_CACHE, persist_result=False)
 def upload(project_dir: str) -> dict[str, str]:
     """Upload the Hub-ready folders of the publish stage (needs the token in the environment)."""
-    from nla.publish import published_folders, upload_folders
+    from nla.publish import published_folders, upload_folders  # torch and transformers only when uploading
 
     root = Path(project_dir)
     cfg = load_config(root / "params.yaml")
@@ -213,8 +215,6 @@ def nla_pipeline(project_dir: str = ".", profile: str | None = None, publish: bo
     profile: merge profiles/<profile>.yaml into params.yaml first (DVC then reruns what it changes).
     publish: upload the publish stage's folders to the Hub when the key metric beats the last upload.
     """
-    from nla.io import write_json
-
     logger = get_run_logger()
     root = Path(project_dir).resolve()
     # One pipeline per workspace: a second flow or `nla` run refuses at once (its stages inherit the lock).

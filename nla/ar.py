@@ -1,29 +1,23 @@
 """The activation reconstructor (AR): explanation text → activation vector.
 
-Architecture (DESIGN.md): the first K+1 decoder blocks of the subject model with its final
+Architecture (docs/design.md, "The AR"): the first K+1 decoder blocks of the subject model with its final
 norm replaced by the identity, and a ``Linear(d, d, bias=False)`` head initialised to the
 identity, read at the last real token of ``prompts.ar_template`` wrapping the explanation.
 Untrained, it returns the subject's own residual at block K on the prompt's last token, so
 training starts from the right space and scale. Loss: mse_nrm between unit vectors
-(``‖v̂/‖v̂‖ − v/‖v‖‖²``), averaged over the batch.
+(``‖v̂/‖v̂‖ − v/‖v‖‖²``, `nla.metrics`), averaged over the batch.
 
 Padding either side gives the same result: position ids come from the attention mask and
 the read position is the last index where the mask is 1.
 
-The ar_sft stage fine-tunes it (LoRA through PEFT by default, full as an option; the head
-has its own learning rate) and saves: adapter (or full block weights), ``head.safetensors``,
-``mean_unit.safetensors`` (ū of the training rows, the FVE reference), the tokenizer and
-``nla_meta.yaml``.
+The model owns its files: `AR.save` writes the adapter (LoRA through PEFT, the default) or
+the full block weights, ``head.safetensors``, ``mean_unit.safetensors`` (ū of the training
+rows, the FVE reference), the tokenizer and ``nla_meta.yaml``; `load_ar` reads them back and
+refuses a sidecar that disagrees with the live model. Training is `nla.ar_sft`.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
-import math
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +26,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from nla.config import PATHS, ModelConfig, NLAConfig, NLAError
-from nla.evaluate import mse_nrm, unit
-from nla.io import atomic_dir, atomic_path, read_table, vectors_of, write_json
+from nla.config import NLAConfig
+from nla.data import pad_batch
+from nla.errors import NLAError
+from nla.io import atomic_dir
+from nla.metrics import MSE_NORMALISATION, fve_denominator, mse_nrm, unit
 from nla.models import check_layer, d_model, decoder_blocks, final_norm, load_model, resolve_source
-from nla.sidecar import make_meta, read_sidecar, write_sidecar
+from nla.sidecar import base_model_config, make_meta, read_sidecar, require, write_sidecar
 
 HEAD_FILE = "head.safetensors"
 MEAN_UNIT_FILE = "mean_unit.safetensors"
-AR_CHECKPOINT, AR_STATE_FILE = "checkpoint", "state.pt"  # mid-run state of ar_sft, under its work folder
 BACKBONE_FILE = "backbone.safetensors"  # full fine-tuning only; LoRA saves adapter_model.safetensors
-LABELS_FILE = "explanations.parquet"
-MSE_NORMALISATION = "unit: mse_nrm = ||v_hat/|v_hat| - v/|v|||^2 per row, mean over rows"
 PROBE_TEXT = "The Eiffel Tower is in Paris. 12345 {}"  # tokenizer identity check on load
 
 
@@ -137,15 +130,11 @@ class AR(nn.Module):
         return before + middle + after
 
     def encode(self, explanations: list[str], padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-        ids = [self.prompt_ids(text) for text in explanations]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for r, row in enumerate(ids):
-            span = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
-            input_ids[r, span] = torch.tensor(row)
-            mask[r, span] = 1
-        return input_ids.to(self.device), mask.to(self.device)
+        """(input_ids, attention_mask), both (N, longest prompt), on the AR's device."""
+        ids, mask = pad_batch(
+            [self.prompt_ids(text) for text in explanations], self.tokenizer.pad_token_id, padding_side
+        )
+        return ids.to(self.device), mask.to(self.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Head output at the last real token: (N, d) float32, not normalised."""
@@ -192,7 +181,7 @@ class AR(nn.Module):
         """Record ū and mean ‖u − ū‖² of the training rows: the FVE reference for every later use."""
         u = unit(train_vectors.cpu())
         self.mean_unit = u.mean(dim=0)
-        self.meta["fve_denominator"] = float((u - self.mean_unit).pow(2).sum(-1).mean())
+        self.meta["fve_denominator"] = fve_denominator(train_vectors.cpu(), self.mean_unit)
         self.meta["mean_unit_norm"] = float(self.mean_unit.norm())
 
     def save(self, out_dir: str | Path, meta_updates: dict[str, Any] | None = None) -> Path:
@@ -289,40 +278,24 @@ def new_ar(cfg: NLAConfig, loaded=None) -> AR:
 
 
 def load_ar(checkpoint_dir: str | Path, device: str = "auto") -> AR:
-    """Load a saved AR; refuse (NLAError) when the sidecar disagrees with the live model or tokenizer."""
+    """Load a saved AR; refuse (NLAError) when the sidecar disagrees with the live model or tokenizer.
+
+    The files and the base model's fingerprint are checked before the (slow) base model load.
+    """
     from safetensors.torch import load_file
 
     folder = Path(checkpoint_dir)
+    where = str(folder)
     meta = read_sidecar(folder)
-    if meta["kind"] != "nla_model" or meta.get("role") != "ar":
-        raise NLAError(
-            f"{folder} is a {meta['kind']}/{meta.get('role')} artifact, not an AR checkpoint; "
-            "pass the ar_sft or RL AR folder"
-        )
+    require(meta, where=where, role="ar")
     weights = "adapter_model.safetensors" if meta.get("finetune") == "lora" else BACKBONE_FILE
     missing = [name for name in (weights, HEAD_FILE) if not (folder / name).is_file()]
-    if missing:  # before the (slow) base model load
+    if missing:
         raise NLAError(f"{folder} lacks {missing}; the checkpoint is incomplete: copy the whole folder or rerun ar_sft")
-    source = resolve_source(meta["base_model"], meta.get("base_model_gguf_file"), meta.get("base_model_revision"))
-    if source.fingerprint != meta.get("base_model_fingerprint"):
-        raise NLAError(
-            f"{folder}: trained on {meta.get('base_model_fingerprint')} but '{meta['base_model']}' "
-            f"resolves to {source.fingerprint}; install the model it was trained on or retrain"
-        )
-    model_cfg = ModelConfig(
-        name=meta["base_model"],
-        gguf_file=meta.get("base_model_gguf_file"),
-        revision=meta.get("base_model_revision"),
-        dtype=meta.get("dtype", "auto"),
-        layer=meta["layer"],
-        device=device,
-    )
-    model, live_tokenizer, _ = load_model(model_cfg)
-    if d_model(model) != meta["d_model"]:
-        raise NLAError(
-            f"{folder}: sidecar d_model={meta['d_model']} but the model has {d_model(model)}; "
-            "use the model the AR was trained on"
-        )
+    base = base_model_config(meta, device)
+    require(meta, where=where, fingerprint=resolve_source(base.name, base.gguf_file, base.revision).fingerprint)
+    model, live_tokenizer, _ = load_model(base)
+    require(meta, where=where, d_model=d_model(model))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -353,210 +326,3 @@ def load_ar(checkpoint_dir: str | Path, device: str = "auto") -> AR:
     ar = AR(backbone, tokenizer, meta, head, mean_unit)
     ar.to(next(backbone.parameters()).device)
     return ar.eval()
-
-
-# ----------------------------------------------------------------------------- the ar_sft stage
-
-
-def labelled_rows(
-    activations_dir, splits_dir, labels_dir, splits: list[str], *, d_model: int | None = None, layer: int | None = None
-):
-    """Activation rows of `splits` joined with their warm-start explanation (rows without one are dropped)."""
-    from nla.extract import load_rows
-
-    path = Path(labels_dir) / LABELS_FILE
-    if not path.is_file():
-        raise NLAError(f"{path} not found; run the label stage first (`nla label` or `dvc repro label`)")
-    labels = read_table(path, columns=["row_id", "explanation"])
-    rows = load_rows(activations_dir, splits_dir, splits, d_model=d_model, layer=layer)
-    rows = rows.merge(labels, on="row_id", how="inner", validate="one_to_one")
-    if rows.empty:
-        raise NLAError(f"no labelled rows in splits {splits}; check that the label stage covered them (label.splits)")
-    return rows.reset_index(drop=True)
-
-
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def fit_ar(
-    cfg: NLAConfig,
-    texts: list[str],
-    targets: torch.Tensor,
-    loaded=None,
-    work_dir: str | Path | None = None,
-    fingerprint: str = "",
-) -> tuple[AR, list[dict], dict]:
-    """Train a fresh AR on (text → target vector) pairs: AdamW, warm-up + cosine, the head on its own lr.
-
-    Returns (AR, per-step log, summary metrics). ū and the FVE denominator come from `targets`.
-    With `work_dir`, a checkpoint every `ar_sft.checkpoint_every` steps lets a killed run continue
-    exactly where it stopped (same batches, same updates) when the inputs match `fingerprint`.
-    """
-    sft = cfg.ar_sft
-    torch.manual_seed(sft.seed)
-    ar = new_ar(cfg, loaded)
-    ar.set_reference(targets)
-    ar.train()
-    optimizer = torch.optim.AdamW(ar.param_groups(sft.learning_rate, sft.head_learning_rate), weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(texts) / sft.batch_size)
-    total = sft.max_steps if sft.max_steps > 0 else max(1, round(sft.epochs * steps_per_epoch))
-    warmup = max(1, round(sft.warmup_ratio * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total, warmup))
-    rng = np.random.default_rng(sft.seed)
-    order: list[int] = []
-    log: list[dict[str, float]] = []
-    denom, tokens = ar.fve_denominator, 0
-    first = 0
-    if work_dir is not None and (state := _load_ar_state(Path(work_dir), fingerprint, ar, optimizer, scheduler)):
-        first, log, order, tokens = state["step"], state["log"], state["order"], state["tokens"]
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        tqdm.write(f"ar_sft: resumed at step {first} from {Path(work_dir) / AR_CHECKPOINT}")
-    start = time.perf_counter() - (log[-1]["seconds"] if log else 0.0)
-    bar = tqdm(range(first, total), initial=first, total=total, desc="ar_sft", unit="step")
-    for step in bar:
-        if len(order) < sft.batch_size:  # epochs of fresh permutations, batches may straddle two
-            order += rng.permutation(len(texts)).tolist()
-        idx, order = order[: sft.batch_size], order[sft.batch_size :]
-        batch = [texts[i] for i in idx]
-        loss = ar.loss(batch, targets[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ar.parameters_to_train(), sft.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        value = float(loss.detach())
-        tokens += sum(len(ar.prompt_ids(t)) for t in batch)
-        log.append(
-            {
-                "step": step + 1,
-                "epoch": (step + 1) / steps_per_epoch,
-                "loss": value,
-                "fve_train_batch": 1 - value / denom,
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - start,
-            }
-        )
-        bar.set_postfix(loss=f"{value:.3f}")
-        if work_dir is not None and (step + 1) % sft.checkpoint_every == 0 and step + 1 < total:
-            state = {
-                "fingerprint": fingerprint,
-                "step": step + 1,
-                "log": log,
-                "order": order,
-                "tokens": tokens,
-                "params": [p.detach().cpu().clone() for p in ar.parameters_to_train()],
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "numpy_rng": rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(),
-            }
-            with atomic_dir(Path(work_dir) / AR_CHECKPOINT) as tmp:
-                torch.save(state, tmp / AR_STATE_FILE)
-    ar.eval()
-    seconds = time.perf_counter() - start
-    train_mse = float(np.mean([r["loss"] for r in log[-steps_per_epoch:]]))  # ≈ the last epoch's fit
-    metrics = {
-        "ar_sft_train_mse_nrm": train_mse,
-        "ar_sft_train_fve": 1 - train_mse / denom,
-        "ar_sft_first_loss": log[0]["loss"],
-        "ar_sft_steps": total,
-        "ar_sft_rows": len(texts),
-        "ar_sft_seconds": seconds,
-        "ar_sft_tokens_per_s": tokens / max(seconds, 1e-9),
-    }
-    return ar, log, metrics
-
-
-def _load_ar_state(work_dir: Path, fingerprint: str, ar: AR, optimizer, scheduler) -> dict | None:
-    """Restore a mid-run checkpoint into `ar`, `optimizer` and `scheduler`; None when there is none for these inputs."""
-    path = work_dir / AR_CHECKPOINT / AR_STATE_FILE
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    params = ar.parameters_to_train()
-    if state["fingerprint"] != fingerprint or [t.shape for t in state["params"]] != [p.shape for p in params]:
-        tqdm.write(f"ar_sft: ignoring the checkpoint in {work_dir} (other inputs or params); starting over")
-        return None
-    with torch.no_grad():
-        for saved, p in zip(state["params"], params, strict=True):
-            p.copy_(saved.to(p.device))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return state
-
-
-def ar_fingerprint(
-    cfg: NLAConfig, source_fingerprint: str, row_ids: list[str], texts: list[str], targets: torch.Tensor
-) -> str:
-    """Identity of an ar_sft run for resuming: its params, the model and the exact training pairs."""
-    blob = json.dumps(
-        [cfg.ar_sft.model_dump(), cfg.model.model_dump(), cfg.prompts.ar_template, source_fingerprint, row_ids, texts],
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(blob.encode())
-    digest.update(targets.numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def run_ar_sft(
-    cfg: NLAConfig,
-    activations_dir: str | Path,
-    splits_dir: str | Path,
-    labels_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    metrics_path: str | Path | None = None,
-    plots_path: str | Path | None = None,
-    work_dir: str | Path = Path(PATHS.work) / "ar_sft",
-) -> dict[str, Any]:
-    """Train the AR on (explanation → activation) over the ar_sft rows; save checkpoint, log and metrics.
-
-    A killed run resumes from its last mid-run checkpoint in `work_dir` (removed once the AR is saved).
-
-    Metrics (JSON, for `dvc metrics`) go to `metrics_path` and the per-step loss (CSV, for `dvc plots`)
-    to `plots_path`; both default to files beside `out_dir` (DVC outputs must not overlap).
-    """
-    loaded = load_model(cfg.model, for_training=True)
-    model, _, source = loaded
-    data_meta = read_sidecar(activations_dir)
-    if data_meta.get("base_model_fingerprint") not in (None, source.fingerprint):
-        raise NLAError(
-            f"{activations_dir} was extracted from {data_meta['base_model_fingerprint']} but model.name "
-            f"gives {source.fingerprint}; re-run extract or fix model.name"
-        )
-    rows = labelled_rows(
-        activations_dir, splits_dir, labels_dir, ["ar_sft"], d_model=d_model(model), layer=cfg.model.layer
-    )
-    labels_meta = read_sidecar(labels_dir) if (Path(labels_dir) / "nla_meta.yaml").is_file() else {}
-    texts, targets = rows.explanation.tolist(), torch.from_numpy(vectors_of(rows))
-    fingerprint = ar_fingerprint(cfg, source.fingerprint, rows.row_id.tolist(), texts, targets)
-    ar, log, metrics = fit_ar(cfg, texts, targets, loaded, work_dir, fingerprint)
-    ar.save(
-        out_dir,
-        {
-            "stage": "ar_sft",
-            "train_rows": len(rows),
-            "train_steps": metrics["ar_sft_steps"],
-            "labeler": labels_meta.get("labeler", labels_meta.get("label")),
-            "training": {**cfg.ar_sft.model_dump(), **metrics},
-            "parents": [str(activations_dir), str(splits_dir), str(labels_dir)],
-        },
-    )
-    out_dir = Path(out_dir)
-    _write_log(plots_path or out_dir.with_name(out_dir.name + "_loss.csv"), log)
-    write_json(metrics_path or out_dir.with_name(out_dir.name + "_metrics.json"), metrics)
-    shutil.rmtree(Path(work_dir) / AR_CHECKPOINT, ignore_errors=True)  # the AR is saved: no run to resume
-    return metrics
-
-
-def _write_log(path: Path, log: list[dict[str, float]]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(log[0]))
-        writer.writeheader()
-        writer.writerows(log)

@@ -12,7 +12,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from nla.config import PATHS, NLAConfig, NLAError, load_config, set_param
+from nla.config import PATHS, NLAConfig, load_config, set_param
+from nla.errors import NLAError
 from nla.lock import workspace_lock
 
 P = PATHS
@@ -67,7 +68,7 @@ def _stage_label(cfg: NLAConfig, args) -> None:
 
 
 def _stage_sweep_alpha(cfg: NLAConfig, args) -> None:
-    from nla.av import run_sweep_alpha
+    from nla.sweep import run_sweep_alpha
 
     result = run_sweep_alpha(cfg, P.activations, P.splits, P.labels, P.alpha_sweep)
     print(f"sweep-alpha: chose alpha={result['alpha']:.4g} -> {P.alpha_sweep}")
@@ -81,7 +82,7 @@ def _stage_sweep_alpha(cfg: NLAConfig, args) -> None:
 
 
 def _stage_av_sft(cfg: NLAConfig, args) -> None:
-    from nla.av import run_av_sft
+    from nla.av_sft import run_av_sft
 
     # alpha comes from params only (injection.scale, or the 75th-percentile rule when null), so DVC tracks it.
     stats = run_av_sft(
@@ -98,7 +99,7 @@ def _stage_av_sft(cfg: NLAConfig, args) -> None:
 
 
 def _stage_ar_sft(cfg: NLAConfig, args) -> None:
-    from nla.ar import run_ar_sft
+    from nla.ar_sft import run_ar_sft
 
     stats = run_ar_sft(
         cfg,
@@ -134,7 +135,7 @@ def _stage_evaluate(cfg: NLAConfig, args) -> None:
     from nla.evaluate import run_evaluate
 
     checkpoints = {"av_sft": P.av_sft, "ar_sft": P.ar_sft}
-    if (Path(P.rl) / "av").is_dir():
+    if (Path(P.rl) / "av").is_dir():  # the RL pair is optional: evaluate runs after SFT alone too
         checkpoints |= {"av_rl": Path(P.rl) / "av", "ar_rl": Path(P.rl) / "ar"}
     metrics = run_evaluate(
         cfg,
@@ -151,11 +152,11 @@ def _stage_evaluate(cfg: NLAConfig, args) -> None:
 
 
 def _stage_publish(cfg: NLAConfig, args) -> None:
+    from nla.explain import default_checkpoints
     from nla.publish import run_publish
 
-    root = Path(P.rl) if (Path(P.rl) / "av").is_dir() else None
-    checkpoints = {"av": root / "av", "ar": root / "ar"} if root else {"av": Path(P.av_sft), "ar": Path(P.ar_sft)}
-    summary = run_publish(cfg, checkpoints, Path(P.metrics) / "eval.json", P.publish)
+    av, ar = default_checkpoints()
+    summary = run_publish(cfg, {"av": av, "ar": ar}, Path(P.metrics) / "eval.json", P.publish)
     print(f"publish ({summary['upload']}): " + ", ".join(summary["models"]) + f" -> {P.publish}")
 
 
@@ -179,7 +180,7 @@ STAGES: dict[str, tuple[Callable[[NLAConfig, argparse.Namespace], None], str]] =
 
 
 def _explain(args) -> None:
-    from nla.explain import explain, explain_vectors
+    from nla.explain import explain, explain_vectors, format_records
 
     positions = "all" if args.all else (args.position or None)
     common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
@@ -189,13 +190,11 @@ def _explain(args) -> None:
         records = explain(args.text, positions, args.av, args.ar, **common)
     else:
         raise NLAError("nothing to explain; pass a text or --vectors FILE")
-    for record in records:
-        if args.json:
+    if args.json:
+        for record in records:
             print(json.dumps(record.to_dict()))
-            continue
-        where = f"[{record.position}] {record.token!r}" if record.position is not None else "[vector]"
-        fve = f"  (round-trip FVE {record.fve:.3f})" if record.fve is not None else ""
-        print(f"{where}: {record.explanation}{fve}")
+    else:
+        print(format_records(records))
 
 
 def _profile(args) -> None:

@@ -15,12 +15,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from nla.errors import NLAError
+from nla.io import atomic_write_text
+
 PARAMS_FILE = "params.yaml"
 PROFILE_DIR = "profiles"
-
-
-class NLAError(RuntimeError):
-    """A user-facing error: one line that names the problem and the fix."""
 
 
 class Section(BaseModel):
@@ -169,9 +168,14 @@ class AVSFTConfig(Section):
     merge: bool = False  # also save merged full weights
     seed: int = 0
     max_length: int = Field(160, ge=16)  # prompt + completion tokens; longer targets are cut at the end
-    alpha_sweep: list[float] = Field(default_factory=list)  # α grid for `nla sweep-alpha`; empty: around q75 norm
-    sweep_steps: int = Field(8, ge=1)  # SFT steps per α in the sweep
-    sweep_eval_rows: int = Field(32, ge=2)  # held-out av_sft rows (whole documents) scoring each α
+
+
+class SweepConfig(Section):
+    """`nla sweep-alpha`: short AV-SFT runs per α (their own section, so these knobs never retrain the AV)."""
+
+    alphas: list[float] = Field(default_factory=list)  # the α grid; empty: four values around the q75 norm
+    steps: int = Field(8, ge=1)  # SFT steps per α
+    eval_rows: int = Field(32, ge=2)  # held-out av_sft rows (whole documents) scoring each α
 
 
 class ARSFTConfig(Section):
@@ -259,6 +263,7 @@ class NLAConfig(Section):
     quality: QualityConfig = Field(default_factory=QualityConfig)
     injection: InjectionConfig = Field(default_factory=InjectionConfig)
     av_sft: AVSFTConfig = Field(default_factory=AVSFTConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
     ar_sft: ARSFTConfig = Field(default_factory=ARSFTConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
@@ -376,8 +381,6 @@ def set_param(params_path: str | os.PathLike, dotted_key: str, value: Any) -> NL
 
 
 def _write_merged(params_path: Path, overlay: dict[str, Any]) -> NLAConfig:
-    from nla.io import atomic_write_text
-
     merged = deep_merge(_read_yaml(params_path), overlay)
     cfg = config_from_dict(merged, str(params_path))
     lines = params_path.read_text(encoding="utf-8").splitlines(keepends=True)

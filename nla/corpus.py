@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from nla.config import CorpusConfig, NLAError
+from nla.config import CorpusConfig
+from nla.errors import NLAError
 from nla.io import read_table, write_table
 
 EMBEDDED_CORPUS = ("gensim", "test/test_data/lee_background.cor")

@@ -1,14 +1,8 @@
-"""The metric (normalised-vector MSE and FVE) and the evaluate stage.
+"""The evaluate stage: held-out FVE of the AR and of the AV→AR round trip, with controls.
 
-With unit vectors ``u = v/‖v‖`` and ``û = v̂/‖v̂‖``:
-
-    mse_nrm = ‖û − u‖² = 2(1 − cos(v̂, v))      0 perfect, 2 orthogonal, 4 opposite
-    fve_nrm = 1 − mean mse_nrm / mean ‖u − ū‖²
-
-where ū is the mean unit vector of the AR's *training* rows (saved with the AR), so FVE is
-the fraction of the held-out variance around the training mean that a reconstruction
-explains. Predicting ū itself (not renormalised) scores exactly 0; that is the
-predict-the-mean baseline. Per-row FVE uses the same denominator: 1 − mse_i / mean ‖u − ū‖².
+The metric itself (mse_nrm, FVE and its reference ū) lives in `nla.metrics`. Every figure
+here uses the FVE reference of the AR-SFT checkpoint (ū and mean ‖u − ū‖² of its training
+rows), so the SFT and RL numbers are comparable.
 """
 
 from __future__ import annotations
@@ -20,50 +14,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from nla.config import NLAConfig, NLAError
-
-
-def unit(vectors: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    vectors = vectors.float()
-    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(eps)
-
-
-def mse_nrm(pred: torch.Tensor, target: torch.Tensor, *, normalize_pred: bool = True) -> torch.Tensor:
-    """Per-row ‖û − u‖². `normalize_pred=False` scores `pred` as given (for the mean baseline ū)."""
-    u_hat = unit(pred) if normalize_pred else pred.float()
-    return (u_hat - unit(target)).pow(2).sum(dim=-1)
-
-
-def fve_denominator(target: torch.Tensor, mean_unit: torch.Tensor) -> float:
-    """mean ‖u − ū‖²: the variance of the targets' directions around the training mean."""
-    return float((unit(target) - mean_unit.float().to(target.device)).pow(2).sum(dim=-1).mean())
-
-
-def fve_from_mse(mse: torch.Tensor, denominator: float) -> float:
-    return 1.0 - float(mse.float().mean()) / denominator
-
-
-def fve_nrm(pred: torch.Tensor, target: torch.Tensor, mean_unit: torch.Tensor, *, normalize_pred: bool = True) -> float:
-    """1 − mean mse_nrm / mean ‖u − ū‖² (ū: mean unit vector of the training rows)."""
-    return fve_from_mse(mse_nrm(pred, target, normalize_pred=normalize_pred), fve_denominator(target, mean_unit))
-
-
-def cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (unit(pred) * unit(target)).sum(dim=-1)
-
-
-def derangement(n: int, seed: int) -> np.ndarray:
-    """partner[i] != i for every i (n ≥ 2): a random cycle, so each row gets another row's text."""
-    order = np.random.default_rng(seed).permutation(n)
-    partner = np.empty(n, dtype=np.int64)
-    partner[order] = np.roll(order, -1)
-    return partner
-
-
-# ----------------------------------------------------------------------------- the evaluate stage
+from nla.ar import MEAN_UNIT_FILE, load_ar
+from nla.av import load_av
+from nla.config import NLAConfig
+from nla.data import labeled_rows, vectors_of
+from nla.errors import NLAError
+from nla.io import atomic_path, atomic_write_text, write_json
+from nla.metrics import derangement, fve_denominator, fve_from_mse, mse_nrm
+from nla.models import release_memory
+from nla.sidecar import read_sidecar
 
 REQUIRED_CHECKPOINTS = ("av_sft", "ar_sft")
-OPTIONAL_PAIRS = {"rl": ("av_rl", "ar_rl")}
 
 
 def position_bucket(position: int) -> tuple[int, int]:
@@ -93,15 +54,6 @@ def _check_pair(meta: dict, data_meta: dict, where: Path) -> None:
             )
 
 
-def _release() -> None:
-    """Return the memory of a model the caller has just deleted (one model at a time on the device)."""
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def length_stats(token_counts: list[int], prefix: str, closed: list[bool] | None = None) -> dict[str, float]:
     counts = np.asarray(token_counts, dtype=float)
     stats = {
@@ -115,10 +67,8 @@ def length_stats(token_counts: list[int], prefix: str, closed: list[bool] | None
 
 
 def eval_rows(activations_dir, splits_dir, labels_dir, max_rows: int) -> pd.DataFrame:
-    """The labelled held-out rows, capped at `max_rows` by a fixed-seed sample (same rows every run)."""
-    from nla.ar import labelled_rows
-
-    rows = labelled_rows(activations_dir, splits_dir, labels_dir, ["eval"])
+    """The labeled held-out rows, capped at `max_rows` by a fixed-seed sample (same rows every run)."""
+    rows = labeled_rows(activations_dir, splits_dir, labels_dir, ["eval"])
     if len(rows) > max_rows:
         rows = rows.sample(n=max_rows, random_state=0).sort_index()
     return rows.reset_index(drop=True)
@@ -140,11 +90,6 @@ def run_evaluate(
     Writes `metrics_path` (flat JSON), `plots_dir`/fve_by_checkpoint.csv and fve_by_position.csv,
     and `samples_path` (markdown).
     """
-    from nla.ar import MEAN_UNIT_FILE, load_ar
-    from nla.av import load_av
-    from nla.io import vectors_of, write_json
-    from nla.sidecar import read_sidecar
-
     ev = cfg.evaluate
     start = time.perf_counter()
     missing = [k for k in REQUIRED_CHECKPOINTS if checkpoints.get(k) is None]
@@ -156,7 +101,7 @@ def run_evaluate(
     data_meta = read_sidecar(activations_dir)
     rows = eval_rows(activations_dir, splits_dir, labels_dir, ev.max_rows)
     if len(rows) < 2:
-        raise NLAError(f"only {len(rows)} labelled eval rows; evaluation needs at least 2 (check split/label)")
+        raise NLAError(f"only {len(rows)} labeled eval rows; evaluation needs at least 2 (check split/label)")
     targets = torch.from_numpy(vectors_of(rows))
     gold = rows.explanation.tolist()
     n = len(rows)
@@ -190,19 +135,19 @@ def run_evaluate(
         _check_pair(av.meta, data_meta, av_path)
         explanations = av.generate(targets, ev.max_new_tokens, temperature=0.0, batch_size=ev.batch_size)
         del av
-        _release()
+        release_memory()
         texts[name] = [e.text for e in explanations]
         closed[name] = [e.closed for e in explanations]
         metrics.update(length_stats([len(e.token_ids) for e in explanations], f"expl_{name}", closed[name]))
         if ar_path is not None:  # the RL pair brings its own AR
             del ar
-            _release()
+            release_memory()
             ar = load_ar(ar_path, device)
             _check_pair(ar.meta, data_meta, ar_path)
             per_row[f"ar_gold_{name}"] = mse_nrm(ar.reconstruct(gold, ev.batch_size, progress=True), targets)
         per_row[f"roundtrip_{name}"] = mse_nrm(ar.reconstruct(texts[name], ev.batch_size, progress=True), targets)
     del ar
-    _release()
+    release_memory()
 
     for key, mse in per_row.items():
         metrics[f"fve_{key}"] = fve_from_mse(mse, denom)
@@ -222,8 +167,6 @@ def _write_plots(plots_dir: Path, rows: pd.DataFrame, per_row: dict[str, torch.T
     """fve_by_checkpoint.csv (checkpoint, fve) and fve_by_position.csv: one row per power-of-two position
     bucket, x = `position_bucket` (its first position), y = `fve` (round trip of the last pair: RL when
     evaluated, else SFT) plus one `fve_<name>` column per AR/round-trip series."""
-    from nla.io import atomic_path
-
     by_checkpoint = pd.DataFrame([{"checkpoint": key, "fve": fve_from_mse(mse, denom)} for key, mse in per_row.items()])
     buckets = [position_bucket(p) for p in rows.position]
     frame = pd.DataFrame({"position_bucket": [b[0] for b in buckets], "position_end": [b[1] for b in buckets]})
@@ -250,8 +193,6 @@ def _write_samples(
     denom: float,
     n_samples: int,
 ) -> None:
-    from nla.io import atomic_write_text
-
     def fve(key: str, i: int) -> str:
         return f"{1 - float(per_row[key][i]) / denom:+.3f}"
 

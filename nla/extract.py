@@ -22,14 +22,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from nla.config import NLAConfig, NLAError
+from nla.config import NLAConfig
+from nla.data import ACTIVATIONS_FILE, SPLIT_NAMES, SPLITS_FILE, pad_batch
+from nla.errors import NLAError
 from nla.io import read_table, write_table
 from nla.models import check_layer, d_model, load_model, residual_at
-from nla.sidecar import check_compatible, make_meta, read_sidecar, write_sidecar
-
-ACTIVATIONS_FILE = "activations.parquet"
-SPLITS_FILE = "splits.parquet"
-SPLIT_NAMES = ("av_sft", "ar_sft", "rl", "eval")
+from nla.sidecar import make_meta, read_sidecar, write_sidecar
 
 
 def stable_seed(*parts: object) -> int:
@@ -70,12 +68,7 @@ def extract_shard(model, tokenizer, docs: pd.DataFrame, cfg: NLAConfig) -> pd.Da
     rows = []
     for start in range(0, len(order), ex.batch_size):
         batch = [int(i) for i in order[start : start + ex.batch_size]]
-        width = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, i in enumerate(batch):
-            ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
-            mask[r, : len(encoded[i])] = 1
+        ids, mask = pad_batch([encoded[i] for i in batch], pad_id)  # (b, longest)
         hidden = residual_at(model, cfg.model.layer, ids.to(device), mask.to(device)).float().cpu()
         for r, i in enumerate(batch):
             doc = docs.iloc[i]
@@ -182,23 +175,4 @@ def run_split(cfg: NLAConfig, activations_dir: str | Path, out_dir: str | Path) 
         )
     )
     write_sidecar(out_dir, meta)
-    return table
-
-
-def load_rows(
-    activations_dir: str | Path,
-    splits_dir: str | Path,
-    splits: list[str] | tuple[str, ...] | None = None,
-    *,
-    d_model: int | None = None,
-    layer: int | None = None,
-) -> pd.DataFrame:
-    """Activation rows joined with their split, optionally filtered, after a sidecar check."""
-    meta = read_sidecar(activations_dir)
-    check_compatible(meta, where=str(activations_dir), d_model=d_model, layer=layer)
-    table = read_table(Path(activations_dir) / ACTIVATIONS_FILE)
-    split = read_table(Path(splits_dir) / SPLITS_FILE, columns=["row_id", "split"])
-    table = table.merge(split, on="row_id", how="inner", validate="one_to_one")
-    if splits is not None:
-        table = table[table.split.isin(list(splits))].reset_index(drop=True)
     return table

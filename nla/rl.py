@@ -1,6 +1,6 @@
 """RL: GRPO-style joint training of the AV and AR on round-trip reconstruction.
 
-One step (DESIGN.md "RL"):
+One step (docs/design.md, "RL objective"):
 
 1. sample ``prompts_per_step`` activations ``v`` from the rl split;
 2. the AV samples ``G = group_size`` explanations per activation (temperature ``T``), the
@@ -54,9 +54,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from nla.config import PATHS, NLAConfig, NLAError, RLConfig
-from nla.evaluate import fve_nrm, mse_nrm
-from nla.io import atomic_dir, atomic_path
+from nla.ar import AR, load_ar
+from nla.av import AV, load_av
+from nla.config import PATHS, NLAConfig, RLConfig
+from nla.data import load_rows, vectors_of
+from nla.errors import NLAError
+from nla.io import atomic_dir, atomic_path, write_json
+from nla.metrics import fve_nrm, mse_nrm, unit
+from nla.sidecar import make_meta, read_sidecar
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "state.pt"
@@ -64,22 +69,8 @@ REF_ADAPTER = "ref"
 LOG_FILE = "rl_log.csv"
 EVAL_LOG_FILE = "rl_eval.csv"
 METRICS_FILE = "rl_metrics.json"
-LOG_FIELDS = [
-    "step",
-    "reward_mean",
-    "reward_std",
-    "mse_mean",
-    "fve_batch",
-    "kl",
-    "clip_frac",
-    "len_mean",
-    "capped_frac",
-    "malformed_frac",
-    "ar_loss",
-    "loss",
-    "generate_seconds",
-    "seconds",
-]
+LOG_FIELDS = ["step", "reward_mean", "reward_std", "mse_mean", "fve_batch", "kl", "clip_frac", "len_mean"]
+LOG_FIELDS += ["capped_frac", "malformed_frac", "ar_loss", "loss", "generate_seconds", "seconds"]
 EVAL_FIELDS = ["step", "fve_heldout", "mse_heldout", "len_mean", "malformed_frac"]
 
 
@@ -136,7 +127,7 @@ def clipped_objective(
 
 
 def reference_log_probs(
-    av, av_dir: str | Path, temperature: float = 1.0
+    av: AV, av_dir: str | Path, temperature: float = 1.0
 ) -> Callable[[torch.Tensor, list[list[int]]], torch.Tensor]:
     """A function giving per-token log-probs under the frozen SFT AV (no grad).
 
@@ -144,8 +135,6 @@ def reference_log_probs(
     for the reference pass. Full fine-tuning: a second, frozen copy of the SFT AV.
     """
     from peft import PeftModel
-
-    from nla.av import load_av
 
     if isinstance(av.model, PeftModel):
         model = av.model
@@ -181,9 +170,9 @@ def params_of(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def rl_step(
-    av,
+    av: AV,
     ref_log_probs,
-    ar,
+    ar: AR,
     vectors: torch.Tensor,
     cfg: RLConfig,
     av_opt: torch.optim.Optimizer,
@@ -215,15 +204,8 @@ def rl_step(
     ref_logp = ref_log_probs(rows, ids)
     logp, mask = av.completion_log_probs(rows, ids, temperature=cfg.temperature)
     old_logp = logp.detach()  # π_old = the sampling policy (one update per batch)
-    loss, stats = clipped_objective(
-        logp,
-        old_logp,
-        ref_logp.to(logp.device),
-        advantages.to(logp.device),
-        mask.to(logp.device),
-        cfg.epsilon,
-        cfg.beta,
-    )
+    ref_logp, advantages = ref_logp.to(logp.device), advantages.to(logp.device)  # mask is there already
+    loss, stats = clipped_objective(logp, old_logp, ref_logp, advantages, mask, cfg.epsilon, cfg.beta)
     av_opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params_of(av_opt), cfg.max_grad_norm)
@@ -240,9 +222,7 @@ def rl_step(
         ar_opt.step()
         ar_loss = float(ar_loss_t.detach())
 
-    fve = float("nan")
-    if mean_unit is not None:
-        fve = float(fve_nrm(pred.cpu(), rows.cpu(), mean_unit.cpu()))
+    fve = float(fve_nrm(pred.cpu(), rows.cpu(), mean_unit.cpu())) if mean_unit is not None else float("nan")
     return {
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std()),
@@ -259,7 +239,7 @@ def rl_step(
     }
 
 
-def evaluate_heldout(av, ar, vectors: torch.Tensor, mean_unit: torch.Tensor, cfg: RLConfig) -> dict[str, float]:
+def evaluate_heldout(av: AV, ar: AR, vectors: torch.Tensor, mean_unit: torch.Tensor, cfg: RLConfig) -> dict[str, float]:
     """Greedy round trip on held-out rows: FVE of AR(AV(v)) against v."""
     av.model.eval()
     with torch.no_grad():
@@ -281,10 +261,6 @@ class RLState:
     step: int = 0
     log: list[dict] = field(default_factory=list)
     eval_log: list[dict] = field(default_factory=list)
-
-
-def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def save_checkpoint(
@@ -336,8 +312,8 @@ def load_checkpoint(
 
 
 def train_rl(
-    av,
-    ar,
+    av: AV,
+    ar: AR,
     ref_log_probs,
     train_vectors: torch.Tensor,
     cfg: RLConfig,
@@ -352,7 +328,7 @@ def train_rl(
     work_dir = Path(work_dir)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    av_params = trainable(av.model)
+    av_params = [p for p in av.model.parameters() if p.requires_grad]
     ar_params = list(ar.parameters_to_train()) if train_ar else []
     if not av_params:
         raise NLAError("the AV has no trainable parameters; load it for training (LoRA adapter or full weights)")
@@ -395,21 +371,6 @@ def write_csv(path: str | Path, rows: list[dict], fields: list[str]) -> None:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-
-
-def save_av(av, out_dir: str | Path, meta: dict) -> None:
-    """The policy AV as a checkpoint `load_av` reads: adapter (only the policy's) or full weights."""
-    from peft import PeftModel
-
-    from nla.sidecar import write_sidecar
-
-    with atomic_dir(out_dir) as tmp:
-        if isinstance(av.model, PeftModel):
-            av.model.save_pretrained(tmp, selected_adapters=[av.model.active_adapter])
-        else:
-            av.model.save_pretrained(tmp)
-        av.tokenizer.save_pretrained(tmp)
-        write_sidecar(tmp, meta)
 
 
 def rl_fingerprint(cfg: RLConfig, *parts: object) -> str:
@@ -458,13 +419,6 @@ def run_rl(
     and `out_dir/rl_metrics.json`. A crashed run resumes from `work_dir` when rerun with the
     same inputs and params; a finished run removes its checkpoint.
     """
-    from nla.ar import load_ar
-    from nla.av import load_av
-    from nla.evaluate import unit
-    from nla.extract import load_rows
-    from nla.io import vectors_of, write_json
-    from nla.sidecar import make_meta, read_sidecar
-
     rl, out_dir = cfg.rl, Path(out_dir)
     av = load_av(av_dir, cfg.model.device, layer=cfg.model.layer, trainable=True)
     ar = load_ar(ar_dir, cfg.model.device)
@@ -504,8 +458,8 @@ def run_rl(
 
     parents = [str(av_dir), str(ar_dir), str(activations_dir), str(splits_dir)]
     training = {**rl.model_dump(), **metrics}
-    av_meta = {**av.meta, **make_meta("nla_model", "rl"), "parents": parents, "training": training, "merged": False}
-    save_av(av, out_dir / "av", av_meta)
+    av_meta = {**av.meta, **make_meta("nla_model", "rl"), "parents": parents, "training": training}
+    av.save(out_dir / "av", av_meta)  # the policy adapter only (not the frozen reference) or full weights
     ar.save(out_dir / "ar", {"stage": "rl", "parents": parents, "training": training})
     write_csv(log_path or out_dir / LOG_FILE, state.log, LOG_FIELDS)
     write_csv(eval_log_path or out_dir / EVAL_LOG_FILE, state.eval_log, EVAL_FIELDS)

@@ -21,7 +21,7 @@ What a graph captures: only device work. Python state read while the model runs 
 the active LoRA adapter, bound vectors, train/eval mode) is read once at capture. `sample`
 therefore captures afresh in every call, so whatever was switched between calls holds in the
 next one; a `Decoder` keeps its graphs across calls for a model whose Python state stays put
-and whose weights change only in place (RL's merged rollout copy, `nla.av.MergedCopy`).
+and whose weights change only in place (RL's merged rollout copy, `MergedCopy` below).
 Decode steps hold no marker sites (the injection hook returns at once for ``seq_len == 1``,
 as it does in `generate`), so the graph contains no injection; the prefill, which carries
 it, always runs eagerly.
@@ -33,6 +33,7 @@ each row the same logits as it would get alone; under greedy decoding the tokens
 
 from __future__ import annotations
 
+import copy
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -42,7 +43,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from nla.config import NLAError
+from nla.errors import NLAError
+from nla.injection import ActivationInjector
 from nla.models import input_embeddings
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -308,6 +310,43 @@ class Decoder:
             model.train(was_training)
 
 
+class MergedCopy:
+    """An inference copy of a LoRA AV in training, with its active adapter merged in, kept in sync.
+
+    Why: decoding a small model is bound by kernel launches (a step of the 135M AV is ~2k tiny
+    kernels, even inside a CUDA graph each costs microseconds), and an unmerged LoRA projection
+    adds four kernels (A, B, scale, add) to its one matmul. RL samples from this copy instead.
+    `sync()` rewrites each merged weight in place (W + s·BA), so the copy's `Decoder` keeps
+    replaying its captured graphs; merging into the trained model itself and unmerging after
+    would drift its bf16 base weights by rounding at every RL step. The copy costs one more
+    set of base weights in memory. Log-probs for the RL objective still come from the trained
+    model, so a last-bit difference between merged and unmerged logits only makes the samples
+    negligibly off-policy.
+    """
+
+    def __init__(self, peft_model: nn.Module, injector: ActivationInjector):
+        from peft.tuners.lora import LoraLayer
+
+        self.adapter = peft_model.active_adapter
+        with injector.detached():  # copy the modules, not the hooks (they hold the original's state)
+            clone = copy.deepcopy(peft_model)
+        self.model = clone.merge_and_unload(adapter_names=[self.adapter]).eval().requires_grad_(False)
+        self.injector = injector.like(self.model)
+        self.decoder = Decoder(self.model)
+        base = peft_model.get_base_model()
+        self._pairs = [
+            (layer, self.model.get_submodule(name))
+            for name, layer in base.named_modules()
+            if isinstance(layer, LoraLayer) and self.adapter in layer.lora_A
+        ]
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Copy the current adapter into the merged weights: W_copy ← W_base + s·B·A, in place."""
+        for layer, target in self._pairs:
+            target.weight.copy_(layer.base_layer.weight + layer.get_delta_weight(self.adapter))
+
+
 def sample(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -371,7 +410,11 @@ def _capture(step, device: torch.device):
 def stop_lengths(
     tokens: torch.Tensor, stop_ids: set[int] | None = None, stop_sequences: list[list[int]] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of `sample`'s output: (tokens up to and including the stop, whether it stopped)."""
+    """Per row of `sample`'s output: (tokens up to and including the stop, whether it stopped).
+
+    Public API for callers of `sample` / `Decoder.sample`, whose rows run on (padded) after
+    their stop: it gives each row's real length, e.g. to compare with `model.generate`.
+    """
     n, width = tokens.shape
     hit = torch.isin(tokens, torch.tensor(sorted(stop_ids or ()), dtype=torch.long, device=tokens.device))
     for seq in stop_sequences or []:

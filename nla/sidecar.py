@@ -2,7 +2,9 @@
 
 It records everything a consumer needs to use an artifact correctly (model identity,
 d_model, layer, marker, injection, prompts, parents, git commit). Readers call
-`check_compatible` against the live model/tokenizer and refuse to run on a mismatch.
+`require` against the live model/tokenizer and refuse to run on a mismatch: it is the one
+compatibility contract, called by every loader and stage. `base_model_config` turns an
+artifact's sidecar back into the `ModelConfig` of the subject model it was built from.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from nla.config import NLAError
+from nla.config import ModelConfig
+from nla.errors import NLAError
 from nla.io import atomic_write_text
 
 SIDECAR_NAME = "nla_meta.yaml"
@@ -89,22 +92,38 @@ def read_sidecar(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
-def check_compatible(
+def require(
     meta: dict[str, Any],
     *,
     where: str,
+    role: str | None = None,
+    fingerprint: str | None = None,
     d_model: int | None = None,
     layer: int | None = None,
     marker: dict[str, Any] | None = None,
-    base_model: str | None = None,
 ) -> None:
-    """Raise when the sidecar disagrees with the live model/tokenizer/config."""
-    checks = [("d_model", d_model), ("layer", layer), ("base_model", base_model)]
-    for key, live in checks:
+    """Raise one NLAError line when the sidecar disagrees with what the caller is about to use.
+
+    role: 'av' or 'ar' (checkpoints only); fingerprint: the live base model's identity
+    (`ModelSource.fingerprint`); d_model, layer: of the live model or of the activations fed in;
+    marker: the live tokenizer's anchored marker (`Marker.to_dict()`).
+    """
+    if role is not None and (meta.get("kind") != "nla_model" or meta.get("role") != role):
+        raise NLAError(
+            f"{where} is a {meta.get('kind')}/{meta.get('role')} artifact, not an {role.upper()} checkpoint; "
+            f"point at an {role} folder (e.g. data/checkpoints/av_sft or data/checkpoints/rl/{role})"
+        )
+    recorded = meta.get("base_model_fingerprint")
+    if fingerprint is not None and recorded is not None and recorded != fingerprint:
+        raise NLAError(
+            f"{where}: built from base model {recorded} but '{meta.get('base_model')}' resolves to {fingerprint}; "
+            "install the model it was built from, or rebuild it"
+        )
+    for key, live in (("d_model", d_model), ("layer", layer)):
         if live is not None and meta.get(key) != live:
             raise NLAError(
                 f"{where}: sidecar {key}={meta.get(key)!r} but the live value is {live!r}; "
-                f"use the model/params the artifact was built with or rebuild it"
+                "use the model/activations it was built for, or rebuild it"
             )
     if marker is not None and meta.get("marker") is not None:
         for key in ("token_id", "left_id", "right_id"):
@@ -113,3 +132,15 @@ def check_compatible(
                     f"{where}: sidecar marker {key}={meta['marker'].get(key)!r} but the tokenizer gives "
                     f"{marker.get(key)!r}; use the tokenizer the checkpoint was trained with"
                 )
+
+
+def base_model_config(meta: dict[str, Any], device: str = "auto") -> ModelConfig:
+    """The subject model an artifact was built from, as a `ModelConfig` (at the artifact's layer)."""
+    return ModelConfig(
+        name=meta["base_model"],
+        gguf_file=meta.get("base_model_gguf_file"),
+        revision=meta.get("base_model_revision"),
+        dtype=meta.get("dtype", "auto"),
+        layer=meta["layer"],
+        device=device,
+    )

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The pipeline on a GPU machine that lacks DVC/Prefect/GX (the lent H100): the same stage
-# functions as `dvc repro`, through the `nla` CLI, with a params profile merged in.
-#   RUN_DIR=/root/nla-run bash scripts/gpu_pipeline.sh [STAGE ...]
+# The pipeline on a GPU machine that lacks DVC/Prefect/GX: the same stage functions as
+# `dvc repro`, through the `nla` CLI, with a params profile merged in.
+#   RUN_DIR=<work dir> bash scripts/gpu_pipeline.sh [STAGE ...]
 # The first call copies the repository to RUN_DIR and applies the profile; later calls continue
-# there, so one run can span several device calls. MODEL and PROFILE override the defaults.
+# there, so one run can span several calls. MODEL and PROFILE override the defaults.
 # Results (metrics/, plots/, reports/samples.md, tables in results.tgz; stage times) go to $OUT.
 # The quality gates run afterwards, on a machine with great_expectations, on the copied tables.
+# On the lent GPU machines (the default MODEL and RUN_DIR, a run over several calls): docs/maintainers.md.
 set -euo pipefail
 MODEL=${MODEL:-/root/nla-model/model.gguf}
 PROFILE=${PROFILE:-gpu}
@@ -33,7 +34,7 @@ for stage in $STAGES; do
   python3 -m nla.cli "$stage" 2>&1 | tr '\r' '\n' | grep -vE "it/s\]$|s/it\]$" | tail -n 25
   echo "stage $stage: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/stage_times.txt"
 done
-# One archive: the device returns at most 8 files from $OUT.
+# One archive: few files come back from $OUT (docs/maintainers.md).
 results=$(ls -d metrics plots reports/samples.md data/split data/labels data/activations/nla_meta.yaml 2>/dev/null || true)
 [ -n "$results" ] && tar czf "$OUT/results.tgz" $results
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader || true

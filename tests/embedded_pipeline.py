@@ -41,10 +41,11 @@ def tiny_labels(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def build(root: Path) -> dict[str, Path]:
-    from nla.ar import run_ar_sft
-    from nla.av import run_av_sft
+    from nla.ar_sft import run_ar_sft
+    from nla.av_sft import run_av_sft
     from nla.corpus import run_corpus
-    from nla.extract import load_rows, run_extract, run_split
+    from nla.data import load_rows
+    from nla.extract import run_extract, run_split
     from nla.io import write_table
 
     paths = {k: root / k for k in ("act", "split", "labels", "av", "ar")}

@@ -10,7 +10,9 @@ from embedded_pipeline import shared_run
 from torch import nn
 
 from nla.ar import AR, identity_head, last_token_index, load_ar, new_ar, truncate_to_layer
-from nla.config import NLAConfig, NLAError
+from nla.config import NLAConfig
+from nla.data import labeled_rows, vectors_of
+from nla.errors import NLAError
 from nla.models import residual_at
 
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "final", "token", "context", "explanation", "of", "state"]
@@ -195,10 +197,9 @@ def test_sidecar_mismatch_raises(tiny_dir, tmp_path, key, value, message):
 @pytest.mark.slow
 def test_ar_on_the_embedded_model_trains_saves_and_loads_back(embedded_run, tmp_path):
     """The real AR on the real stages' rows: loss goes down, save → load gives the same reconstruction."""
-    from nla.ar import fit_ar, labelled_rows
-    from nla.io import vectors_of
+    from nla.ar_sft import fit_ar
 
-    rows = labelled_rows(embedded_run["act"], embedded_run["split"], embedded_run["labels"], ["ar_sft"])
+    rows = labeled_rows(embedded_run["act"], embedded_run["split"], embedded_run["labels"], ["ar_sft"])
     texts, targets = rows.explanation.tolist()[:4], torch.from_numpy(vectors_of(rows))[:4]
     cfg = NLAConfig.model_validate({"ar_sft": {"max_steps": 4, "batch_size": 4, "warmup_ratio": 0.0}})
     ar, log, metrics = fit_ar(cfg, texts, targets)
@@ -212,8 +213,6 @@ def test_ar_on_the_embedded_model_trains_saves_and_loads_back(embedded_run, tmp_
 
 @pytest.mark.slow
 def test_ar_sft_stage_writes_checkpoint_log_and_metrics(embedded_run, tmp_path):
-    from nla.ar import labelled_rows
-
     ar_dir = embedded_run["ar"]  # built by run_ar_sft in the shared run (2 steps)
     for name in (
         "adapter_model.safetensors",
@@ -227,7 +226,7 @@ def test_ar_sft_stage_writes_checkpoint_log_and_metrics(embedded_run, tmp_path):
     assert loss_csv.read_text().splitlines()[0].startswith("step,epoch,loss")
     assert len(loss_csv.read_text().splitlines()) == 3
     meta = yaml.safe_load((ar_dir / "nla_meta.yaml").read_text())
-    rows = labelled_rows(embedded_run["act"], embedded_run["split"], embedded_run["labels"], ["ar_sft"])
+    rows = labeled_rows(embedded_run["act"], embedded_run["split"], embedded_run["labels"], ["ar_sft"])
     assert meta["train_rows"] == len(rows) and meta["stage"] == "ar_sft" and meta["d_model"] == 576
     assert meta["base_model_fingerprint"].startswith("gguf:") and 0 < meta["mean_unit_norm"] < 1
     assert (ar_dir.with_name("ar_metrics.json")).is_file()

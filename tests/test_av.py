@@ -11,19 +11,15 @@ import pytest
 import torch
 import yaml
 
-from nla.av import (
-    LABELS_FILE,
-    completion_ids,
-    injection_scale,
-    load_av,
-    parse_completion,
-    run_av_sft,
-    run_sweep_alpha,
-)
-from nla.config import InjectionConfig, NLAConfig, NLAError, PromptConfig
-from nla.extract import load_rows, run_extract, run_split
+from nla.av import completion_ids, injection_scale, load_av, parse_completion
+from nla.av_sft import run_av_sft
+from nla.config import InjectionConfig, NLAConfig, PromptConfig
+from nla.data import EXPLANATIONS_FILE, load_rows
+from nla.errors import NLAError
+from nla.extract import run_extract, run_split
 from nla.io import write_table
 from nla.sidecar import make_meta, read_sidecar, write_sidecar
+from nla.sweep import run_sweep_alpha
 
 PROMPTS = PromptConfig()
 TEXTS = [
@@ -75,7 +71,7 @@ def tiny_cfg() -> NLAConfig:
     cfg.split.fractions = {"av_sft": 1.0, "ar_sft": 0.0, "rl": 0.0, "eval": 0.0}
     cfg.av_sft.max_steps, cfg.av_sft.batch_size, cfg.av_sft.max_length = 2, 4, 96
     cfg.av_sft.merge = True
-    cfg.av_sft.alpha_sweep, cfg.av_sft.sweep_steps, cfg.av_sft.sweep_eval_rows = [4.0, 250.0], 1, 4
+    cfg.sweep.alphas, cfg.sweep.steps, cfg.sweep.eval_rows = [4.0, 250.0], 1, 4
     return cfg
 
 
@@ -102,7 +98,7 @@ def data(tmp_path_factory):
             "n_features": 2,
         }
     )
-    write_table(root / "labels" / LABELS_FILE, labels)
+    write_table(root / "labels" / EXPLANATIONS_FILE, labels)
     meta = read_sidecar(root / "act")
     meta.update(make_meta("nla_dataset", "label", labeler={"backend": "test"}, parents=[str(root / "act")]))
     write_sidecar(root / "labels", meta)
@@ -164,7 +160,8 @@ def test_av_sft_writes_checkpoint_sidecar_and_metrics(trained):
 
 @pytest.mark.slow
 def test_training_examples_mask_the_prompt_and_end_with_close_and_eos(data):
-    from nla.av import av_marker, av_prompt_ids, encode_examples
+    from nla.av import av_marker, av_prompt_ids
+    from nla.av_sft import encode_examples
     from nla.models import load_tokenizer, resolve_source
 
     _, _, rows = data
@@ -201,8 +198,7 @@ def test_completion_log_probs_match_generation_and_carry_gradients(trained, data
     av = load_av(root / "av", device="cpu", trainable=True)
     vectors = torch.tensor(np.stack(data[2].vector.to_numpy()[:2]))
     prompt = torch.tensor([av.prompt_ids] * 2)
-    av.injector.bind(vectors)
-    with torch.no_grad():
+    with torch.no_grad(), av.injector.bound(vectors):
         out = av.model.generate(
             input_ids=prompt,
             attention_mask=torch.ones_like(prompt),
@@ -212,7 +208,6 @@ def test_completion_log_probs_match_generation_and_carry_gradients(trained, data
             output_logits=True,
             return_dict_in_generate=True,
         )
-    av.injector.bind(None)
     gen = out.sequences[:, prompt.shape[1] :]
     expected = torch.log_softmax(torch.stack(out.logits, 1).float(), -1).gather(-1, gen[..., None]).squeeze(-1)
     completions = [gen[0].tolist(), gen[1, :2].tolist()]  # ragged: the second is right-padded
@@ -236,7 +231,7 @@ def test_completion_log_probs_match_generation_and_carry_gradients(trained, data
         (lambda m: m.update(d_model=577), "d_model"),
         (lambda m: m["marker"].update(token_id=m["marker"]["token_id"] + 1), "marker token_id"),
         (lambda m: m["marker"].update(left_id=0), "marker left_id"),
-        (lambda m: m.update(base_model_fingerprint="gguf:other:0"), "fingerprint"),
+        (lambda m: m.update(base_model_fingerprint="gguf:other:0"), "resolves to"),
         (lambda m: m.update(role="ar"), "not an AV"),
     ],
 )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from nla.config import NLAConfig, NLAError, load_config
+from nla.config import NLAConfig, load_config
+from nla.errors import NLAError
 
 
 def write(tmp_path, data) -> str:

@@ -255,7 +255,7 @@ def test_av_sft_killed_mid_run_resumes_from_its_trainer_checkpoint(tmp_path, sft
 
 def test_av_sft_resumes_only_from_a_complete_checkpoint_of_the_same_run(tmp_path):
     """A checkpoint killed mid-save (no resume file) or one of other inputs/params is never resumed from."""
-    from nla.av import RESUME_FILE, resume_checkpoint
+    from nla.av_sft import RESUME_FILE, resume_checkpoint
     from nla.io import write_json
 
     for step, key in ((2, "run"), (4, "other")):

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from nla.config import NLAError, apply_profile, list_profiles, load_config
+from nla.config import apply_profile, list_profiles, load_config
+from nla.errors import NLAError
 
 PY = sys.executable
 STAGE = '''

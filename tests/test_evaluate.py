@@ -9,17 +9,10 @@ import pytest
 import torch
 from embedded_pipeline import SETTINGS, shared_run
 
-from nla.config import NLAConfig, NLAError
-from nla.evaluate import (
-    cosine,
-    derangement,
-    fve_denominator,
-    fve_nrm,
-    mse_nrm,
-    position_bucket,
-    run_evaluate,
-    unit,
-)
+from nla.config import NLAConfig
+from nla.errors import NLAError
+from nla.evaluate import position_bucket, run_evaluate
+from nla.metrics import cosine, derangement, fve_denominator, fve_nrm, mse_nrm, unit
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ import pytest
 import torch
 from embedded_pipeline import SETTINGS, shared_run
 
-from nla.config import NLAError
-from nla.explain import explain, explain_vectors, format_records, load_vectors, resolve_positions
+from nla.api import resolve_positions
+from nla.errors import NLAError
+from nla.explain import explain, explain_vectors, format_records, load_vectors
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,7 @@ def test_explain_text_on_the_embedded_model(embedded_run):
 
 @pytest.mark.slow
 def test_explain_vectors_matches_the_activations_table(embedded_run, tmp_path):
-    from nla.extract import load_rows
-    from nla.io import vectors_of
+    from nla.data import load_rows, vectors_of
 
     rows = load_rows(embedded_run["act"], embedded_run["split"], ["eval"]).head(2)
     np.save(tmp_path / "v.npy", vectors_of(rows))

@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from nla.config import CorpusConfig, NLAConfig, NLAError
+from nla.config import CorpusConfig, NLAConfig
 from nla.corpus import embedded_corpus_path, load_documents
-from nla.extract import assign_splits, extract_shard, load_rows, run_extract, run_split, sample_positions
+from nla.data import load_rows
+from nla.errors import NLAError
+from nla.extract import assign_splits, extract_shard, run_extract, run_split, sample_positions
 from nla.io import write_table
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from nla.config import NLAError
+from nla.errors import NLAError
 from nla.injection import ActivationInjector, Marker, anchor_marker, choose_marker_char, find_sites
 from nla.models import decoder_blocks, input_embeddings
 
@@ -111,7 +111,7 @@ def test_bad_vectors_and_inputs_embeds_raise():
     injector.bind(vectors(3, 32))
     with pytest.raises(NLAError, match="d_model=64"):
         model(input_ids=batch(3))
-    with pytest.raises(NLAError, match="finite"):
+    with pytest.raises(NLAError, match=r"NaN or Inf in rows \[0, 1, 2\]"):
         injector.bind(torch.full((3, 64), float("nan")))
     injector.bind(vectors(3, 64))
     with pytest.raises(NLAError, match="inputs_embeds"):
@@ -203,8 +203,8 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(mode, reentrant):
         model = tiny_model("llama").train()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-        injector = ActivationInjector(model, MARKER, mode, ALPHA)
-        injector.bind(v if inject else None)
+        if inject:  # bind, as the SFT trainer does: the backward (and its recomputes) runs after the forward
+            ActivationInjector(model, MARKER, mode, ALPHA).bind(v)
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -227,8 +227,7 @@ def test_generation_injects_prefill_only(mode):
     model = tiny_model("llama")
     injector = ActivationInjector(model, MARKER, mode, ALPHA)
     ids, v = batch(2), vectors(2, 64)
-    injector.bind(v)
-    with torch.no_grad():
+    with torch.no_grad(), injector.bound(v):
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -239,12 +238,11 @@ def test_generation_injects_prefill_only(mode):
             return_dict_in_generate=True,
             pad_token_id=0,
         )
-    assert injector.n_injections == 1  # one prefill; the 4 decode forwards found no sites and wrote nothing
-    seqs = out.sequences
-    # Every step's logits equal a full forward (sites in the prompt injected, generated tokens not).
-    with torch.no_grad():
+        assert injector.n_injections == 1  # one prefill; the 4 decode forwards found no sites and wrote nothing
+        seqs = out.sequences
+        # Every step's logits equal a full forward (sites in the prompt injected, generated tokens not).
         full = model(input_ids=seqs[:, :-1]).logits[:, ids.shape[1] - 1 :]
-        injector.bind(None)
+    with torch.no_grad(), injector.detached():  # the same model without injection
         clean = model(input_ids=seqs[:, :-1]).logits[:, ids.shape[1] - 1 :]
     steps = torch.stack(out.logits, dim=1)
     torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)

@@ -26,24 +26,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nla.config import NLAConfig, NLAError
+from nla.config import NLAConfig
+from nla.data import EXPLANATIONS_FILE
+from nla.errors import NLAError
 from nla.io import read_table, write_table
-from nla.label import (
-    EXPLANATIONS_FILE,
-    FAILED_FILE,
-    STATS_FILE,
-    BackendStats,
-    OpenAIClient,
-    baseline_response,
-    chat_messages,
-    common_prefix_len,
-    context_of,
-    decode_batch,
-    fill,
-    parse_response,
-    retry_delay,
-    run_label,
-)
+from nla.label import run_label
+from nla.label.backends import BackendStats
+from nla.label.backends.baseline import baseline_response
+from nla.label.backends.local import common_prefix_len, decode_batch
+from nla.label.backends.openai import OpenAIClient, retry_delay
+from nla.label.parse import parse_response
+from nla.label.prompt import chat_messages, context_of, fill
+from nla.label.stage import FAILED_FILE, STATS_FILE
 from nla.sidecar import make_meta, read_sidecar, write_sidecar
 
 RANGES = NLAConfig().injection.marker_ranges

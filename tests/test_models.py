@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from nla.config import ModelConfig, NLAError
+from nla.config import ModelConfig
+from nla.errors import NLAError
 from nla.models import check_layer, decoder_blocks, embedding_multiplier, load_model, residual_at, resolve_source
 
 

@@ -14,9 +14,10 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from nla.config import NLAConfig, NLAError, config_from_dict, load_config
-from nla.label import Parsed, parse_response
-from nla.sidecar import REQUIRED_KEYS, SIDECAR_NAME, check_compatible, read_sidecar
+from nla.config import NLAConfig, config_from_dict, load_config
+from nla.errors import NLAError
+from nla.label.parse import Parsed, parse_response
+from nla.sidecar import REQUIRED_KEYS, SIDECAR_NAME, read_sidecar, require
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -133,7 +134,7 @@ def expect_sidecar_or_nla_error(folder) -> None:
     try:
         meta = read_sidecar(folder)
         assert isinstance(meta, dict)
-        check_compatible(meta, where="test", d_model=576, layer=20, marker=LIVE_MARKER, base_model="embedded")
+        require(meta, where="test", d_model=576, layer=20, marker=LIVE_MARKER)
     except NLAError as err:
         one_line_error(err)
 

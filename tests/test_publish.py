@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from nla.config import NLAError, config_from_dict
+from nla.config import config_from_dict
+from nla.errors import NLAError
 from nla.publish import ROLES, published_folders, run_publish, upload_folders
 
 TOKEN = "hf_TESTtoken_never_written_0123456789abcdef"
@@ -34,10 +35,11 @@ METRICS = {
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(cfg, root) with real one-step AV and AR checkpoints under root/av and root/ar."""
-    from nla.ar import run_ar_sft
-    from nla.av import run_av_sft
+    from nla.ar_sft import run_ar_sft
+    from nla.av_sft import run_av_sft
     from nla.corpus import run_corpus
-    from nla.extract import load_rows, run_extract, run_split
+    from nla.data import load_rows
+    from nla.extract import run_extract, run_split
     from nla.io import write_table
 
     root = tmp_path_factory.mktemp("publish")

@@ -12,12 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nla.config import InjectionConfig, NLAConfig, NLAError
-from nla.extract import ACTIVATIONS_FILE, SPLIT_NAMES, SPLITS_FILE
+from nla.config import InjectionConfig, NLAConfig
+from nla.data import ACTIVATIONS_FILE, EXPLANATIONS_FILE, SPLIT_NAMES, SPLITS_FILE
+from nla.errors import NLAError
+from nla.expectations import QualityGateError
 from nla.io import write_table
 from nla.quality import (
-    EXPLANATIONS_FILE,
-    QualityGateError,
     norm_bounds,
     validate_activations,
     validate_explanations,

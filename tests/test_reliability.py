@@ -325,7 +325,7 @@ def test_huge_and_empty_documents_are_cut_or_dropped(tmp_path):
 HOLD = """
 import sys, time
 from nla.lock import workspace_lock
-from nla.config import NLAError
+from nla.errors import NLAError
 try:
     with workspace_lock(sys.argv[1], "holder"):
         print("locked", flush=True)
@@ -345,7 +345,7 @@ def hold_lock(root: Path, seconds: float) -> subprocess.Popen:
 
 
 def test_workspace_lock_is_exclusive_and_released_by_kill_9(tmp_path):
-    from nla.config import NLAError
+    from nla.errors import NLAError
     from nla.lock import lock_holder, workspace_lock
 
     holder = hold_lock(tmp_path, 60)
@@ -396,7 +396,7 @@ def test_two_runs_started_at_once_one_refuses_cleanly(tmp_path, corpus_project):
     loser = next(r for r in results if r[0] == 2)
     lines = [line for line in loser[2].splitlines() if line.startswith("nla extract: error: ")]
     assert len(lines) == 1 and "another nla run holds the workspace lock" in lines[0] and f"pid {winner[3]}" in lines[0]
-    from nla.extract import load_rows
+    from nla.data import load_rows
     from nla.io import read_table
     from nla.sidecar import read_sidecar
 

@@ -172,11 +172,8 @@ def test_generation_uses_a_merged_copy_that_follows_the_trained_adapter(tiny_set
     prompt = torch.tensor([av.prompt_ids] * 4)
 
     def unmerged_greedy() -> list[tuple[int, ...]]:
-        av.injector.bind(vectors)
-        try:
+        with av.injector.bound(vectors):
             new = sample(av.model, prompt, torch.ones_like(prompt), 8, 0.0, {av.tokenizer.eos_token_id}, pad_id=0)
-        finally:
-            av.injector.bind(None)
         return [
             tuple(row[: row.index(av.tokenizer.eos_token_id) + 1] if av.tokenizer.eos_token_id in row else row)
             for row in new.tolist()
@@ -348,7 +345,7 @@ def test_run_rl_writes_loadable_checkpoints_and_logs(tiny_setup, tmp_path):
     from nla.ar import load_ar, new_ar
     from nla.av import load_av
     from nla.config import ModelConfig, NLAConfig
-    from nla.extract import ACTIVATIONS_FILE, SPLITS_FILE
+    from nla.data import ACTIVATIONS_FILE, SPLITS_FILE
     from nla.io import write_table
     from nla.rl import CHECKPOINT, run_rl
     from nla.sidecar import make_meta, read_sidecar, write_sidecar

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TINY, tiny_model
 
-from nla.config import NLAError
+from nla.errors import NLAError
 from nla.injection import ActivationInjector, Marker
 from nla.sampling import Decoder, sample, sample_with_generate, stop_lengths
 
@@ -44,16 +44,15 @@ def test_greedy_matches_generate_with_injection_and_left_padding(tiny_arch_model
     model = on(device, model)
     ids, mask = left_padded_prompts()
     injector = ActivationInjector(model, MARKER, mode, scale=4.0)
-    injector.bind(torch.randn(3, TINY["hidden_size"], generator=torch.Generator().manual_seed(2)) * 10)
-
-    ours = sample(model, ids, mask, max_new_tokens=10)
-    assert injector.n_injections == 1  # the prefill only: decode steps hold no marker sites
-    reference = sample_with_generate(model, ids, mask, max_new_tokens=10)
+    with injector.bound(torch.randn(3, TINY["hidden_size"], generator=torch.Generator().manual_seed(2)) * 10):
+        ours = sample(model, ids, mask, max_new_tokens=10)
+        assert injector.n_injections == 1  # the prefill only: decode steps hold no marker sites
+        reference = sample_with_generate(model, ids, mask, max_new_tokens=10)
     assert ours.device.type == device
     assert torch.equal(ours.cpu(), reference.cpu()), f"{arch}/{mode}: sampler and generate disagree"
 
-    injector.bind(None)
-    assert not torch.equal(sample(model, ids, mask, max_new_tokens=10).cpu(), ours.cpu())  # injection mattered
+    with injector.detached():  # the same model without injection
+        assert not torch.equal(sample(model, ids, mask, max_new_tokens=10).cpu(), ours.cpu())  # injection mattered
     injector.remove()
 
 

@@ -1,0 +1,144 @@
+"""The public Python API: one object that holds an NLA and runs its three directions.
+
+    from nla import NLA
+    nla = NLA.load(av="data/checkpoints/rl/av", ar="data/checkpoints/rl/ar")
+    v = nla.activations(["The Eiffel Tower is in"], positions=[-1])   # (n, d) at the sidecar's layer
+    texts = nla.verbalize(v)                                          # list[str], greedy by default
+    v_hat = nla.reconstruct(texts)                                    # (n, d)
+    nla.fve(v, v_hat)                                                 # (n,) per-row FVE
+
+The subject model (for `activations`) is the base model named in the AV's sidecar, read up
+to the sidecar's layer K and never further; it loads on first use. The AV and AR load once
+and stay resident. The CLI's `nla explain` and `nla.explain.explain` are thin callers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from nla.ar import AR, load_ar
+from nla.av import AV, Explanation, load_av
+from nla.data import pad_batch
+from nla.errors import NLAError
+from nla.metrics import mse_nrm
+from nla.models import load_model, residual_at
+from nla.sidecar import base_model_config, require
+
+Positions = list[int] | Literal["all"] | None
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a vector was read: the text, the token index in it, and the token."""
+
+    text: str
+    position: int
+    token: str
+
+
+def resolve_positions(n_tokens: int, positions: Positions, special: list[bool]) -> list[int]:
+    """Token indices for one text: the last token (None), every non-special token ('all'), or the list
+    given (negative counts from the end)."""
+    if positions is None:
+        return [n_tokens - 1]
+    if positions == "all":
+        return [p for p in range(n_tokens) if not special[p]]
+    out = []
+    for p in positions:
+        q = p + n_tokens if p < 0 else p
+        if not 0 <= q < n_tokens:
+            raise NLAError(f"position {p} is outside a text of {n_tokens} tokens; use 0..{n_tokens - 1} or negative")
+        out.append(q)
+    return out
+
+
+@dataclass
+class NLA:
+    """An AV (vector → text), optionally an AR (text → vector), and their subject model."""
+
+    av: AV
+    ar: AR | None = None
+    device: str = "auto"
+    _subject: tuple | None = field(default=None, init=False, repr=False)  # (model, tokenizer), loaded lazily
+
+    @classmethod
+    def load(cls, av: str | Path, ar: str | Path | None = None, *, device: str = "auto") -> NLA:
+        """Load checkpoint folders; refuses (NLAError) an AR trained for another model or layer."""
+        av_model = load_av(av, device)
+        ar_model = load_ar(ar, device) if ar is not None else None
+        if ar_model is not None:
+            require(
+                ar_model.meta,
+                where=str(ar),
+                fingerprint=av_model.meta.get("base_model_fingerprint"),
+                d_model=av_model.meta["d_model"],
+                layer=av_model.meta["layer"],
+            )
+        return cls(av_model, ar_model, device)
+
+    @property
+    def layer(self) -> int:
+        return int(self.av.meta["layer"])
+
+    def subject(self) -> tuple:
+        """(model, tokenizer) of the subject model, loaded on first use and kept."""
+        if self._subject is None:
+            model, tokenizer, source = load_model(base_model_config(self.av.meta, self.device))
+            require(self.av.meta, where="the AV", fingerprint=source.fingerprint)
+            self._subject = (model.eval(), tokenizer)
+        return self._subject
+
+    @torch.no_grad()
+    def read(
+        self, texts: list[str], positions: Positions = None, *, max_tokens: int = 512, batch_size: int = 16
+    ) -> tuple[torch.Tensor, list[Site]]:
+        """Residual vectors at the AV's layer for the requested positions: ((N, d) float32 cpu, sites)."""
+        model, tokenizer = self.subject()
+        special_ids = set(tokenizer.all_special_ids)
+        encoded = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_tokens)["input_ids"]
+        device = next(model.parameters()).device
+        vectors, sites = [], []
+        for start in range(0, len(encoded), batch_size):
+            batch = encoded[start : start + batch_size]
+            for r, row in enumerate(batch):
+                if not row:
+                    raise NLAError(f"text {start + r} is empty; pass some text to explain")
+            ids, mask = pad_batch(batch, tokenizer.pad_token_id)  # (b, longest), right-padded
+            hidden = residual_at(model, self.layer, ids.to(device), mask.to(device)).float().cpu()  # (b, T, d)
+            for r, row in enumerate(batch):
+                for p in resolve_positions(len(row), positions, [t in special_ids for t in row]):
+                    vectors.append(hidden[r, p])
+                    sites.append(Site(texts[start + r], p, tokenizer.decode([row[p]])))
+        if not vectors:
+            raise NLAError("no token positions to explain (every token is special); pass longer text")
+        return torch.stack(vectors), sites
+
+    def activations(self, texts: list[str] | str, positions: Positions = None, **kwargs) -> torch.Tensor:
+        """(N, d) residual vectors at the sidecar's layer; positions as in `resolve_positions`."""
+        return self.read([texts] if isinstance(texts, str) else list(texts), positions, **kwargs)[0]
+
+    def explanations(
+        self, vectors: torch.Tensor, *, max_new_tokens: int = 48, temperature: float = 0.0, batch_size: int = 16
+    ) -> list[Explanation]:
+        """The AV's explanation of each vector, with its token ids and whether it closed before the cap."""
+        return self.av.generate(vectors, max_new_tokens, temperature=temperature, batch_size=batch_size)
+
+    def verbalize(self, vectors: torch.Tensor, **kwargs) -> list[str]:
+        """One explanation text per vector (greedy unless temperature > 0)."""
+        return [e.text for e in self.explanations(vectors, **kwargs)]
+
+    def reconstruct(self, texts: list[str], *, batch_size: int = 32) -> torch.Tensor:
+        """(N, d) float32: the AR's reconstruction of each explanation."""
+        if self.ar is None:
+            raise NLAError("this NLA has no AR; load it with NLA.load(av=..., ar=...) to reconstruct")
+        return self.ar.reconstruct(list(texts), batch_size)
+
+    def fve(self, vectors: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+        """Per-row FVE 1 − mse_nrm / mean ‖u − ū‖², against the AR's training reference."""
+        if self.ar is None or self.ar.fve_denominator is None:
+            raise NLAError("per-row FVE needs an AR with its FVE reference; pass one trained by `nla ar-sft`")
+        return 1 - mse_nrm(reconstructions, vectors) / self.ar.fve_denominator

@@ -1,0 +1,240 @@
+"""The ar_sft stage: train the AR to map each warm-start explanation back to its activation.
+
+    nla ar-sft                      # or: dvc repro ar_sft
+
+`run_ar_sft` reads the labeled ar_sft rows (`nla.data.labeled_rows`), trains a fresh AR
+(`fit_ar`: AdamW, linear warm-up then cosine decay, the head on its own learning rate, loss
+mean mse_nrm) and saves it with `AR.save`, plus the per-step log (CSV) and metrics (JSON).
+
+Resume: every `ar_sft.checkpoint_every` steps the trainable weights, optimizer, scheduler,
+batch order and RNG states go atomically to the work folder; a rerun with the same inputs
+(`ar_fingerprint`) continues from there with the same batches and updates.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from nla.ar import AR, new_ar
+from nla.config import PATHS, NLAConfig
+from nla.data import labeled_rows, vectors_of
+from nla.errors import NLAError
+from nla.io import atomic_dir, atomic_path, write_json
+from nla.models import d_model, load_model
+from nla.sidecar import read_sidecar, sidecar_path
+
+AR_CHECKPOINT, AR_STATE_FILE = "checkpoint", "state.pt"  # mid-run state of ar_sft, under its work folder
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def fit_ar(
+    cfg: NLAConfig,
+    texts: list[str],
+    targets: torch.Tensor,
+    loaded=None,
+    work_dir: str | Path | None = None,
+    fingerprint: str = "",
+) -> tuple[AR, list[dict], dict]:
+    """Train a fresh AR on (text → target vector) pairs: AdamW, warm-up + cosine, the head on its own lr.
+
+    Returns (AR, per-step log, summary metrics). ū and the FVE denominator come from `targets`.
+    With `work_dir`, a checkpoint every `ar_sft.checkpoint_every` steps lets a killed run continue
+    exactly where it stopped (same batches, same updates) when the inputs match `fingerprint`.
+    """
+    sft = cfg.ar_sft
+    torch.manual_seed(sft.seed)
+    ar = new_ar(cfg, loaded)
+    ar.set_reference(targets)
+    ar.train()
+    optimizer = torch.optim.AdamW(ar.param_groups(sft.learning_rate, sft.head_learning_rate), weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(texts) / sft.batch_size)
+    total = sft.max_steps if sft.max_steps > 0 else max(1, round(sft.epochs * steps_per_epoch))
+    warmup = max(1, round(sft.warmup_ratio * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total, warmup))
+    rng = np.random.default_rng(sft.seed)
+    order: list[int] = []
+    log: list[dict[str, float]] = []
+    denom, tokens = ar.fve_denominator, 0
+    first = 0
+    if work_dir is not None and (state := _load_ar_state(Path(work_dir), fingerprint, ar, optimizer, scheduler)):
+        first, log, order, tokens = state["step"], state["log"], state["order"], state["tokens"]
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        tqdm.write(f"ar_sft: resumed at step {first} from {Path(work_dir) / AR_CHECKPOINT}")
+    start = time.perf_counter() - (log[-1]["seconds"] if log else 0.0)
+    bar = tqdm(range(first, total), initial=first, total=total, desc="ar_sft", unit="step")
+    for step in bar:
+        if len(order) < sft.batch_size:  # epochs of fresh permutations, batches may straddle two
+            order += rng.permutation(len(texts)).tolist()
+        idx, order = order[: sft.batch_size], order[sft.batch_size :]
+        batch = [texts[i] for i in idx]
+        loss = ar.loss(batch, targets[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ar.parameters_to_train(), sft.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        value = float(loss.detach())
+        tokens += sum(len(ar.prompt_ids(t)) for t in batch)
+        log.append(
+            {
+                "step": step + 1,
+                "epoch": (step + 1) / steps_per_epoch,
+                "loss": value,
+                "fve_train_batch": 1 - value / denom,
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - start,
+            }
+        )
+        bar.set_postfix(loss=f"{value:.3f}")
+        if work_dir is not None and (step + 1) % sft.checkpoint_every == 0 and step + 1 < total:
+            _save_ar_state(Path(work_dir), fingerprint, step + 1, log, order, tokens, ar, optimizer, scheduler, rng)
+    ar.eval()
+    seconds = time.perf_counter() - start
+    train_mse = float(np.mean([r["loss"] for r in log[-steps_per_epoch:]]))  # ≈ the last epoch's fit
+    metrics = {
+        "ar_sft_train_mse_nrm": train_mse,
+        "ar_sft_train_fve": 1 - train_mse / denom,
+        "ar_sft_first_loss": log[0]["loss"],
+        "ar_sft_steps": total,
+        "ar_sft_rows": len(texts),
+        "ar_sft_seconds": seconds,
+        "ar_sft_tokens_per_s": tokens / max(seconds, 1e-9),
+    }
+    return ar, log, metrics
+
+
+# ----------------------------------------------------------------------------- mid-run state
+
+
+def _save_ar_state(
+    work_dir: Path, fingerprint: str, step: int, log, order, tokens: int, ar: AR, optimizer, scheduler, rng
+) -> None:
+    """Everything `fit_ar` needs to continue exactly after `step`, written atomically."""
+    state = {
+        "fingerprint": fingerprint,
+        "step": step,
+        "log": log,
+        "order": order,
+        "tokens": tokens,
+        "params": [p.detach().cpu().clone() for p in ar.parameters_to_train()],
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "numpy_rng": rng.bit_generator.state,
+        "torch_rng": torch.get_rng_state(),
+    }
+    with atomic_dir(work_dir / AR_CHECKPOINT) as tmp:
+        torch.save(state, tmp / AR_STATE_FILE)
+
+
+def _load_ar_state(work_dir: Path, fingerprint: str, ar: AR, optimizer, scheduler) -> dict | None:
+    """Restore a mid-run checkpoint into `ar`, `optimizer` and `scheduler`; None when there is none for these inputs."""
+    path = work_dir / AR_CHECKPOINT / AR_STATE_FILE
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    params = ar.parameters_to_train()
+    if state["fingerprint"] != fingerprint or [t.shape for t in state["params"]] != [p.shape for p in params]:
+        tqdm.write(f"ar_sft: ignoring the checkpoint in {work_dir} (other inputs or params); starting over")
+        return None
+    with torch.no_grad():
+        for saved, p in zip(state["params"], params, strict=True):
+            p.copy_(saved.to(p.device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+def ar_fingerprint(
+    cfg: NLAConfig, source_fingerprint: str, row_ids: list[str], texts: list[str], targets: torch.Tensor
+) -> str:
+    """Identity of an ar_sft run for resuming: its params, the model and the exact training pairs."""
+    blob = json.dumps(
+        [cfg.ar_sft.model_dump(), cfg.model.model_dump(), cfg.prompts.ar_template, source_fingerprint, row_ids, texts],
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(blob.encode())
+    digest.update(targets.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run_ar_sft(
+    cfg: NLAConfig,
+    activations_dir: str | Path,
+    splits_dir: str | Path,
+    labels_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    metrics_path: str | Path | None = None,
+    plots_path: str | Path | None = None,
+    work_dir: str | Path = Path(PATHS.work) / "ar_sft",
+) -> dict[str, Any]:
+    """Train the AR on (explanation → activation) over the ar_sft rows; save checkpoint, log and metrics.
+
+    A killed run resumes from its last mid-run checkpoint in `work_dir` (removed once the AR is saved).
+
+    Metrics (JSON, for `dvc metrics`) go to `metrics_path` and the per-step loss (CSV, for `dvc plots`)
+    to `plots_path`; both default to files beside `out_dir` (DVC outputs must not overlap).
+    """
+    loaded = load_model(cfg.model, for_training=True)
+    model, _, source = loaded
+    data_meta = read_sidecar(activations_dir)
+    if data_meta.get("base_model_fingerprint") not in (None, source.fingerprint):
+        raise NLAError(
+            f"{activations_dir} was extracted from {data_meta['base_model_fingerprint']} but model.name "
+            f"gives {source.fingerprint}; re-run extract or fix model.name"
+        )
+    rows = labeled_rows(
+        activations_dir, splits_dir, labels_dir, ["ar_sft"], d_model=d_model(model), layer=cfg.model.layer
+    )
+    labels_meta = read_sidecar(labels_dir) if sidecar_path(labels_dir).is_file() else {}
+    texts, targets = rows.explanation.tolist(), torch.from_numpy(vectors_of(rows))
+    fingerprint = ar_fingerprint(cfg, source.fingerprint, rows.row_id.tolist(), texts, targets)
+    ar, log, metrics = fit_ar(cfg, texts, targets, loaded, work_dir, fingerprint)
+    ar.save(
+        out_dir,
+        {
+            "stage": "ar_sft",
+            "train_rows": len(rows),
+            "train_steps": metrics["ar_sft_steps"],
+            "labeler": labels_meta.get("labeler", labels_meta.get("label")),
+            "training": {**cfg.ar_sft.model_dump(), **metrics},
+            "parents": [str(activations_dir), str(splits_dir), str(labels_dir)],
+        },
+    )
+    out_dir = Path(out_dir)
+    _write_log(plots_path or out_dir.with_name(out_dir.name + "_loss.csv"), log)
+    write_json(metrics_path or out_dir.with_name(out_dir.name + "_metrics.json"), metrics)
+    shutil.rmtree(Path(work_dir) / AR_CHECKPOINT, ignore_errors=True)  # the AR is saved: no run to resume
+    return metrics
+
+
+def _write_log(path: Path, log: list[dict[str, float]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(log[0]))
+        writer.writeheader()
+        writer.writerows(log)

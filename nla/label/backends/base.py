@@ -1,0 +1,38 @@
+"""What a labeler backend is: a plain function from rows to raw responses.
+
+    backend(cfg, contexts, tokens, stats) -> list[Result]   # one Result per row, in order
+
+`contexts` are the rows' texts already cut to `label.context_tokens`, `tokens` their final
+tokens. A backend never parses: it returns the raw response (or why none came) and fills
+`stats` with what it did; the stage parses every response the same way.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nla.config import NLAConfig
+
+
+@dataclass
+class Result:
+    """A backend's answer for one row: the raw response, or why no response came."""
+
+    raw: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class BackendStats:
+    cache_hits: int = 0
+    requests: int = 0
+    retries: int = 0
+    status_codes: Counter = field(default_factory=Counter)
+    peak_inflight: int = 0
+    generated_tokens: int = 0
+    model: str = ""
+
+
+Backend = Callable[[NLAConfig, list[str], list[str], BackendStats], list[Result]]
