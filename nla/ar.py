@@ -146,7 +146,7 @@ class AR(nn.Module):
         )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self.head(hidden[rows, last_token_index(attention_mask)].float())
+        return self.head(hidden[rows, last_token_index(attention_mask)].float()).float()  # float32 under autocast too
 
     @torch.no_grad()
     def reconstruct(self, explanations: list[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
@@ -241,6 +241,7 @@ def ar_meta(cfg: NLAConfig, source, model: nn.Module, stage: str = "ar_sft", **f
         base_model_gguf_file=cfg.model.gguf_file,
         base_model_revision=cfg.model.revision,
         dtype=cfg.model.dtype,
+        autocast=cfg.model.autocast,  # trained with bf16 matmuls where 'auto' resolved to them
         d_model=d_model(model),
         layer=cfg.model.layer,
         blocks_kept=cfg.model.layer + 1,

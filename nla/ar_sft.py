@@ -31,7 +31,7 @@ from nla.config import PATHS, NLAConfig
 from nla.data import labeled_rows, vectors_of
 from nla.errors import NLAError
 from nla.io import atomic_dir, atomic_path, write_json
-from nla.models import d_model, load_model
+from nla.models import autocast, d_model, load_model, model_autocast
 from nla.sidecar import read_sidecar, sidecar_path
 
 AR_CHECKPOINT, AR_STATE_FILE = "checkpoint", "state.pt"  # mid-run state of ar_sft, under its work folder
@@ -65,6 +65,7 @@ def fit_ar(
     sft = cfg.ar_sft
     torch.manual_seed(sft.seed)
     ar = new_ar(cfg, loaded)
+    mixed = model_autocast(ar.backbone, cfg.model.autocast)  # bf16 matmuls on a bf16-capable CPU
     ar.set_reference(targets)
     ar.train()
     optimizer = torch.optim.AdamW(ar.param_groups(sft.learning_rate, sft.head_learning_rate), weight_decay=0.0)
@@ -89,7 +90,8 @@ def fit_ar(
             order += rng.permutation(len(texts)).tolist()
         idx, order = order[: sft.batch_size], order[sft.batch_size :]
         batch = [texts[i] for i in idx]
-        loss = ar.loss(batch, targets[idx])
+        with autocast(ar.device, mixed):
+            loss = ar.loss(batch, targets[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ar.parameters_to_train(), sft.max_grad_norm)

@@ -307,7 +307,25 @@ def load_av(
     else:
         model, _, _ = load_model(ModelConfig(name=where, dtype=meta.get("dtype", "auto"), device=device))
     model.train(trainable)
-    tokenizer = load_tokenizer(resolve_source(where))
+    return _with_injector(model, load_tokenizer(resolve_source(where)), meta, where)
+
+
+def base_av(checkpoint_dir: str | Path, device: str = "auto") -> AV:
+    """The untrained-AV control: the checkpoint's base model with its marker, prompt and injection, no tuning.
+
+    What the round trip scores when the AV has learned nothing: if a trained AV does not beat
+    this, its explanations come from the prompt, not from the vector.
+    """
+    where = str(checkpoint_dir)
+    meta = read_sidecar(checkpoint_dir)
+    require(meta, where=where, role="av")
+    model, tokenizer, source = load_model(base_model_config(meta, device))
+    require(meta, where=where, fingerprint=source.fingerprint)
+    return _with_injector(model.eval(), tokenizer, meta, where)
+
+
+def _with_injector(model: torch.nn.Module, tokenizer, meta: dict, where: str) -> AV:
+    """`model` as an AV: the sidecar's prompt, marker (checked against `tokenizer`) and injection attached."""
     require(meta, where=where, d_model=d_model(model))
     check_layer(model, meta["layer"])
     prompts = PromptConfig(**meta["prompts"])

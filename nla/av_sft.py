@@ -32,7 +32,7 @@ from nla.errors import NLAError
 from nla.injection import ActivationInjector
 from nla.io import atomic_path, write_json
 from nla.metrics import MSE_NORMALISATION
-from nla.models import check_layer, d_model, load_model, resolve_source
+from nla.models import check_layer, d_model, load_model, model_autocast, resolve_source
 from nla.sidecar import make_meta, read_sidecar, sidecar_path
 
 RESUME_FILE = "nla_resume.json"  # written last into a trainer checkpoint: it is complete and whose run it is
@@ -200,7 +200,8 @@ def fit_av(
     dataset = Dataset.from_dict(encode_examples(tokenizer, cfg.prompts, prompt_ids, rows))
     checkpoints = resume_key is not None and sft.save_steps > 0
     device = next(model.parameters()).device
-    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    # bf16 weights, or fp32 weights with bf16 autocast (accelerate opens one autocast region per forward).
+    bf16 = next(model.parameters()).dtype == torch.bfloat16 or model_autocast(model, cfg.model.autocast) is not None
     args = SFTConfig(
         output_dir=str(work_dir),
         per_device_train_batch_size=sft.batch_size,
@@ -344,6 +345,7 @@ def run_av_sft(
         base_model_revision=cfg.model.revision,
         base_model_fingerprint=stats["fingerprint"],
         dtype=cfg.model.dtype,
+        autocast=cfg.model.autocast,  # trained with bf16 matmuls where 'auto' resolved to them
         d_model=av.meta["d_model"],
         layer=cfg.model.layer,
         n_layers=int(av.model.config.num_hidden_layers),

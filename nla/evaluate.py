@@ -1,30 +1,76 @@
-"""The evaluate stage: held-out FVE of the AR and of the AV→AR round trip, with controls.
+"""The evaluate stage: FVE of the AR and of the AV→AR round trip against honest controls.
 
-The metric itself (mse_nrm, FVE and its reference ū) lives in `nla.metrics`. Every figure
-here uses the FVE reference of the AR-SFT checkpoint (ū and mean ‖u − ū‖² of its training
-rows), so the SFT and RL numbers are comparable.
+Two evaluation sets, each scored the same way:
+
+* ``eval``: the held-out split of the training corpus (documents no stage trained on);
+* ``foreign`` (metric keys end in ``_foreign``): documents of another corpus (`corpus.foreign`),
+  which no stage trains on and whose text shares no long n-gram with the training corpus.
+
+Every series is a per-row mse_nrm (`nla.metrics`), turned into FVE with the reference ū of the
+AR-SFT's training rows and the set's own mean ‖u − ū‖², with a 95% bootstrap interval over
+documents (`_lo`, `_hi`). Series:
+
+    ar_gold        the AR reading the gold (warm-start) label
+    roundtrip_sft  AR_sft(AV_sft(v));  roundtrip_rl: AR_rl(AV_rl(v)), ar_gold_rl: AR_rl on gold
+    controls, all read by AR_sft, all of which a useful NLA must beat:
+      shuffled     another row's gold label          empty       the empty explanation
+      mean         predict ū (FVE 0 by construction) const       the best constant direction ū/‖ū‖
+      copy         the label format filled from the context alone (no AV, no model)
+      final_only   only the last line of the gold label (the final-token feature)
+      untrained    the base model with injection and no fine-tuning, as the AV
+
+Collapse diagnostics per AV and set: the share of distinct explanations, the share of the
+explanations' content words that occur in the context, and the share of the most frequent
+explanation (its text goes to the report). All figures go to one flat metrics JSON; the
+report (`samples_path`) shows them as tables, then samples.
 """
 
 from __future__ import annotations
 
+import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from nla.ar import MEAN_UNIT_FILE, load_ar
-from nla.av import load_av
+from nla.ar import AR, MEAN_UNIT_FILE, load_ar
+from nla.av import base_av, load_av
 from nla.config import NLAConfig
-from nla.data import labeled_rows, vectors_of
+from nla.data import FOREIGN, labeled_rows, vectors_of
 from nla.errors import NLAError
 from nla.io import atomic_path, atomic_write_text, write_json
-from nla.metrics import derangement, fve_denominator, fve_from_mse, mse_nrm
-from nla.models import release_memory
+from nla.label.backends.baseline import STOPWORDS, baseline_response
+from nla.label.parse import FEATURE_SEP, parse_response
+from nla.label.prompt import context_of
+from nla.metrics import bootstrap_fve, derangement, mse_nrm, unit
+from nla.models import autocast, release_memory, resolve_autocast, resolve_device, resolve_dtype
 from nla.sidecar import read_sidecar
 
 REQUIRED_CHECKPOINTS = ("av_sft", "ar_sft")
+SETS = {"": "eval", "_foreign": FOREIGN}  # metric-key suffix -> split
+CONTROLS = ("shuffled", "empty", "mean", "const", "copy", "final_only", "untrained")
+_WORD = re.compile(r"[A-Za-z][A-Za-z'-]+")
+# Words of the label format itself, not of what it describes.
+FORMAT_WORDS = frozenset(
+    [
+        "topic",
+        "before",
+        "final",
+        "token",
+        "next",
+        "likely",
+        "start",
+        "word",
+        "middle",
+        "number",
+        "punctuation",
+        "none",
+        "yet",
+    ]
+)
 
 
 def position_bucket(position: int) -> tuple[int, int]:
@@ -66,12 +112,91 @@ def length_stats(token_counts: list[int], prefix: str, closed: list[bool] | None
     return stats
 
 
-def eval_rows(activations_dir, splits_dir, labels_dir, max_rows: int) -> pd.DataFrame:
-    """The labeled held-out rows, capped at `max_rows` by a fixed-seed sample (same rows every run)."""
-    rows = labeled_rows(activations_dir, splits_dir, labels_dir, ["eval"])
+def eval_rows(activations_dir, splits_dir, labels_dir, split: str, max_rows: int) -> pd.DataFrame:
+    """The labeled rows of `split`, capped at `max_rows` by a fixed-seed sample (same rows every run)."""
+    rows = labeled_rows(activations_dir, splits_dir, labels_dir, [split])
     if len(rows) > max_rows:
         rows = rows.sample(n=max_rows, random_state=0).sort_index()
     return rows.reset_index(drop=True)
+
+
+def _foreign_rows(activations_dir, splits_dir, labels_dir, max_rows: int) -> pd.DataFrame | None:
+    """The foreign set's labeled rows, or None when the corpus has none (no `corpus.foreign`)."""
+    try:
+        return eval_rows(activations_dir, splits_dir, labels_dir, FOREIGN, max_rows)
+    except NLAError:  # no labeled foreign rows: the set is simply absent
+        return None
+
+
+def copy_of_context(rows: pd.DataFrame, context_tokens: int, marker_ranges, marker_char) -> list[str]:
+    """The label format filled from the context alone (the `baseline` labeler): what reading the input gives."""
+    out = []
+    for prefix, token in zip(rows.prefix, rows.token, strict=True):
+        parsed = parse_response(
+            baseline_response(context_of(prefix, context_tokens), token), 1, marker_ranges, marker_char
+        )
+        out.append(parsed.explanation or "")
+    return out
+
+
+def final_line(explanations: list[str]) -> list[str]:
+    """Only the last feature of each label: by the label contract, the one about the final token."""
+    return [e.split(FEATURE_SEP)[-1] for e in explanations]
+
+
+def collapse_stats(texts: list[str], contexts: list[str]) -> tuple[dict[str, float], str]:
+    """(distinct share, share of content words found in the context, top explanation's share), and its text."""
+    counts = Counter(texts)
+    top, top_n = counts.most_common(1)[0]
+    found = total = 0
+    for text, context in zip(texts, contexts, strict=True):
+        seen = {w.lower() for w in _WORD.findall(context)}
+        words = [w.lower() for w in _WORD.findall(text)]
+        words = [w for w in words if len(w) > 2 and w not in STOPWORDS and w not in FORMAT_WORDS]
+        total += len(words)
+        found += sum(w in seen for w in words)
+    stats = {"distinct": len(counts) / len(texts), "in_context": found / max(total, 1), "top_share": top_n / len(texts)}
+    return stats, top
+
+
+class _Set:
+    """One evaluation set: rows, targets, the per-row deviation ‖u − ū‖², and the series scored so far."""
+
+    def __init__(self, rows: pd.DataFrame, mean_unit: torch.Tensor):
+        self.rows = rows
+        self.targets = torch.from_numpy(vectors_of(rows))  # (n, d)
+        self.deviation = (unit(self.targets) - mean_unit).pow(2).sum(-1)  # (n,)
+        self.mse: dict[str, torch.Tensor] = {}  # series -> (n,) mse_nrm
+        self.texts: dict[str, list[str]] = {}  # AV name -> explanations
+        self.closed: dict[str, list[bool]] = {}  # AV name -> closed before the token cap
+        self.tokens: dict[str, list[int]] = {}  # AV name -> generated tokens per row
+        self.gold_tokens: list[int] = []  # gold label length in AR tokens
+
+    def score(self, name: str, pred: torch.Tensor, *, normalize: bool = True) -> None:
+        self.mse[name] = mse_nrm(pred, self.targets, normalize_pred=normalize)
+
+    def fve(self, name: str) -> float:
+        return 1 - float(self.mse[name].mean()) / float(self.deviation.mean())
+
+    def row_fve(self, name: str, i: int) -> float:
+        return 1 - float(self.mse[name][i]) / float(self.deviation.mean())
+
+
+def _ar_controls(data: _Set, ar: AR, mean_unit: torch.Tensor, cfg: NLAConfig) -> None:
+    """Every series that needs only the AR-SFT: gold, and the controls a useful AV must beat."""
+    bs, n = cfg.evaluate.batch_size, len(data.rows)
+    gold = data.rows.explanation.tolist()
+    data.gold_tokens = [len(ar.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in gold]
+    rec_gold = ar.reconstruct(gold, bs, progress=True)
+    data.score("ar_gold", rec_gold)
+    data.score("shuffled", rec_gold[torch.from_numpy(derangement(n, seed=0))])
+    data.score("empty", ar.reconstruct([""]).expand(n, -1))
+    data.score("mean", mean_unit.expand(n, -1), normalize=False)
+    data.score("const", mean_unit.expand(n, -1))
+    inj = cfg.injection
+    copies = copy_of_context(data.rows, cfg.label.context_tokens, inj.marker_ranges, inj.marker_char)
+    data.score("copy", ar.reconstruct(copies, bs))
+    data.score("final_only", ar.reconstruct(final_line(gold), bs))
 
 
 def run_evaluate(
@@ -84,11 +209,11 @@ def run_evaluate(
     plots_dir: str | Path,
     samples_path: str | Path,
 ) -> dict[str, float]:
-    """FVE of the AR on gold labels, of the AV→AR round trip per checkpoint pair, and the controls.
+    """Score every series and control on the held-out and foreign sets; write metrics, plots and the report.
 
     `checkpoints`: av_sft and ar_sft (required), av_rl and ar_rl (optional, both or neither).
-    Writes `metrics_path` (flat JSON), `plots_dir`/fve_by_checkpoint.csv and fve_by_position.csv,
-    and `samples_path` (markdown).
+    Models load one at a time. Writes `metrics_path` (flat JSON), `plots_dir`/fve_by_checkpoint.csv
+    and fve_by_position.csv, and `samples_path` (markdown: tables, then samples).
     """
     ev = cfg.evaluate
     start = time.perf_counter()
@@ -99,81 +224,113 @@ def run_evaluate(
     if (paths["av_rl"] is None) != (paths["ar_rl"] is None):
         raise NLAError("give both av_rl and ar_rl checkpoints (an RL pair) or neither")
     data_meta = read_sidecar(activations_dir)
-    rows = eval_rows(activations_dir, splits_dir, labels_dir, ev.max_rows)
-    if len(rows) < 2:
-        raise NLAError(f"only {len(rows)} labeled eval rows; evaluation needs at least 2 (check split/label)")
-    targets = torch.from_numpy(vectors_of(rows))
-    gold = rows.explanation.tolist()
-    n = len(rows)
-
-    metrics: dict[str, float] = {"n_rows": n}
-    per_row: dict[str, torch.Tensor] = {}  # name -> per-row mse_nrm
-    texts: dict[str, list[str]] = {}
-    closed: dict[str, list[bool]] = {}
+    held = eval_rows(activations_dir, splits_dir, labels_dir, "eval", ev.max_rows)
+    if len(held) < 2:
+        raise NLAError(f"only {len(held)} labeled eval rows; evaluation needs at least 2 (check split/label)")
+    foreign = _foreign_rows(activations_dir, splits_dir, labels_dir, ev.max_rows)
+    row_sets = {"": held} | ({"_foreign": foreign} if foreign is not None and len(foreign) >= 2 else {})
 
     # The AR-SFT fixes the FVE reference ū (its training rows) for every number below.
     device = cfg.model.device
+    torch_device = resolve_device(device)
+    mixed = resolve_autocast(cfg.model.autocast, torch_device, resolve_dtype(cfg.model.dtype, torch_device))
+    with autocast(torch_device, mixed):
+        sets = _score_all(cfg, paths, row_sets, data_meta, device)
+    metrics, top_texts = _metrics(sets, cfg)
+    metrics["eval_seconds"] = time.perf_counter() - start
+    write_json(metrics_path, metrics)
+    _write_plots(Path(plots_dir), sets)
+    _write_report(Path(samples_path), sets, metrics, top_texts, ev.n_samples)
+    return metrics
+
+
+def _score_all(
+    cfg: NLAConfig, paths: dict[str, Path | None], row_sets: dict[str, pd.DataFrame], data_meta: dict, device: str
+) -> dict[str, _Set]:
+    """Load each model once, in turn, and score every series on every set."""
+    ev = cfg.evaluate
     ar = load_ar(paths["ar_sft"], device)
     _check_pair(ar.meta, data_meta, paths["ar_sft"])
     if ar.mean_unit is None:
         raise NLAError(f"{paths['ar_sft']} has no {MEAN_UNIT_FILE}; retrain it with `nla ar-sft`")
     mean_unit = ar.mean_unit
-    denom = fve_denominator(targets, mean_unit)
-    rec_gold = ar.reconstruct(gold, ev.batch_size, progress=True)
-    per_row["ar_gold"] = mse_nrm(rec_gold, targets)
-    per_row["shuffled"] = mse_nrm(rec_gold[torch.from_numpy(derangement(n, seed=0))], targets)
-    per_row["empty"] = mse_nrm(ar.reconstruct([""]).expand(n, -1), targets)
-    per_row["mean"] = mse_nrm(mean_unit.expand(n, -1), targets, normalize_pred=False)
-    ar_tokens = [len(ar.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in gold]
-    metrics.update(length_stats(ar_tokens, "gold"))
+    sets = {suffix: _Set(rows, mean_unit) for suffix, rows in row_sets.items()}
+    for data in sets.values():
+        _ar_controls(data, ar, mean_unit, cfg)
 
-    pairs = [("sft", paths["av_sft"], None)]
+    avs = [("sft", paths["av_sft"]), ("untrained", paths["av_sft"])]
     if paths["av_rl"] is not None:
-        pairs.append(("rl", paths["av_rl"], paths["ar_rl"]))
-    for name, av_path, ar_path in pairs:
-        av = load_av(av_path, device)
+        avs.append(("rl", paths["av_rl"]))
+    for name, av_path in avs:
+        av = base_av(av_path, device) if name == "untrained" else load_av(av_path, device)
         _check_pair(av.meta, data_meta, av_path)
-        explanations = av.generate(targets, ev.max_new_tokens, temperature=0.0, batch_size=ev.batch_size)
+        for data in sets.values():
+            explanations = av.generate(data.targets, ev.max_new_tokens, temperature=0.0, batch_size=ev.batch_size)
+            data.texts[name] = [e.text for e in explanations]
+            data.closed[name] = [e.closed for e in explanations]
+            data.tokens[name] = [len(e.token_ids) for e in explanations]
         del av
         release_memory()
-        texts[name] = [e.text for e in explanations]
-        closed[name] = [e.closed for e in explanations]
-        metrics.update(length_stats([len(e.token_ids) for e in explanations], f"expl_{name}", closed[name]))
-        if ar_path is not None:  # the RL pair brings its own AR
-            del ar
-            release_memory()
-            ar = load_ar(ar_path, device)
-            _check_pair(ar.meta, data_meta, ar_path)
-            per_row[f"ar_gold_{name}"] = mse_nrm(ar.reconstruct(gold, ev.batch_size, progress=True), targets)
-        per_row[f"roundtrip_{name}"] = mse_nrm(ar.reconstruct(texts[name], ev.batch_size, progress=True), targets)
+    for data in sets.values():
+        data.score("roundtrip_sft", ar.reconstruct(data.texts["sft"], ev.batch_size, progress=True))
+        data.score("untrained", ar.reconstruct(data.texts["untrained"], ev.batch_size))
     del ar
     release_memory()
-
-    for key, mse in per_row.items():
-        metrics[f"fve_{key}"] = fve_from_mse(mse, denom)
-        metrics[f"mse_nrm_{key}"] = float(mse.mean())
-        if key != "mean":  # ū is not a unit vector, so 1 - mse/2 is a cosine only for the others
-            metrics[f"cos_{key}"] = float((1 - mse / 2).mean())  # mse_nrm = 2(1 - cos)
-    metrics["fve_denominator"] = denom
-    metrics["eval_seconds"] = time.perf_counter() - start
-
-    write_json(metrics_path, metrics)
-    _write_plots(Path(plots_dir), rows, per_row, denom)
-    _write_samples(Path(samples_path), rows, texts, closed, per_row, denom, ev.n_samples)
-    return metrics
+    if paths["ar_rl"] is not None:  # the RL pair brings its own AR
+        ar = load_ar(paths["ar_rl"], device)
+        _check_pair(ar.meta, data_meta, paths["ar_rl"])
+        for data in sets.values():
+            data.score("ar_gold_rl", ar.reconstruct(data.rows.explanation.tolist(), ev.batch_size))
+            data.score("roundtrip_rl", ar.reconstruct(data.texts["rl"], ev.batch_size, progress=True))
+        del ar
+        release_memory()
+    return sets
 
 
-def _write_plots(plots_dir: Path, rows: pd.DataFrame, per_row: dict[str, torch.Tensor], denom: float) -> None:
-    """fve_by_checkpoint.csv (checkpoint, fve) and fve_by_position.csv: one row per power-of-two position
-    bucket, x = `position_bucket` (its first position), y = `fve` (round trip of the last pair: RL when
-    evaluated, else SFT) plus one `fve_<name>` column per AR/round-trip series."""
-    by_checkpoint = pd.DataFrame([{"checkpoint": key, "fve": fve_from_mse(mse, denom)} for key, mse in per_row.items()])
-    buckets = [position_bucket(p) for p in rows.position]
+def _metrics(sets: dict[str, _Set], cfg: NLAConfig) -> tuple[dict[str, float], dict[str, str]]:
+    """The flat metrics dict (keys `<stat>_<series>[_foreign]`), and each AV's most frequent explanation."""
+    metrics: dict[str, float] = {}
+    top_texts: dict[str, str] = {}
+    for suffix, data in sets.items():
+        rows = data.rows
+        metrics[f"n_rows{suffix}"] = len(rows)
+        metrics[f"n_docs{suffix}"] = int(rows.doc_id.nunique())
+        metrics[f"fve_denominator{suffix}"] = float(data.deviation.mean())
+        metrics |= length_stats(data.gold_tokens, f"gold{suffix}")
+        docs = rows.doc_id.to_numpy()
+        for name, mse in data.mse.items():
+            fve, lo, hi = bootstrap_fve(mse.numpy(), data.deviation.numpy(), docs)
+            metrics[f"fve_{name}{suffix}"] = fve
+            metrics[f"fve_{name}{suffix}_lo"] = lo
+            metrics[f"fve_{name}{suffix}_hi"] = hi
+            if name.startswith(("ar_gold", "roundtrip")):
+                metrics[f"cos_{name}{suffix}"] = float((1 - mse / 2).mean())  # mse_nrm = 2(1 - cos)
+        contexts = [context_of(p, cfg.label.context_tokens) for p in rows.prefix]
+        for name, texts in data.texts.items():
+            stats, top_texts[f"{name}{suffix}"] = collapse_stats(texts, contexts)
+            metrics |= {f"{key}_{name}{suffix}": value for key, value in stats.items()}
+            metrics |= length_stats(data.tokens[name], f"expl_{name}{suffix}", data.closed[name])
+    return metrics, top_texts
+
+
+def _write_plots(plots_dir: Path, sets: dict[str, _Set]) -> None:
+    """fve_by_checkpoint.csv (checkpoint, fve: one row per series and set) and fve_by_position.csv (held-out
+    set: one row per power-of-two position bucket, x = `position_bucket`, y = `fve` = the last pair's round
+    trip, plus one `fve_<series>` column per AR/round-trip series)."""
+    by_checkpoint = pd.DataFrame(
+        [
+            {"checkpoint": name + (" (foreign)" if suffix else ""), "set": SETS[suffix], "fve": data.fve(name)}
+            for suffix, data in sets.items()
+            for name in data.mse
+        ]
+    )
+    held = sets[""]
+    buckets = [position_bucket(p) for p in held.rows.position]
     frame = pd.DataFrame({"position_bucket": [b[0] for b in buckets], "position_end": [b[1] for b in buckets]})
-    series = [k for k in per_row if k.startswith(("ar_gold", "roundtrip"))]
+    series = [k for k in held.mse if k.startswith(("ar_gold", "roundtrip"))]
     for key in series:
-        frame[f"fve_{key}"] = (1 - per_row[key] / denom).numpy()
-    frame["fve"] = frame[f"fve_{[k for k in series if k.startswith('roundtrip')][-1]}"]
+        frame[f"fve_{key}"] = (1 - held.mse[key] / held.deviation.mean()).numpy()
+    frame["fve"] = frame["fve_roundtrip_rl" if "roundtrip_rl" in held.mse else "fve_roundtrip_sft"]
     groups = frame.groupby(["position_bucket", "position_end"])
     by_position = groups.mean().reset_index()
     by_position.insert(2, "n_rows", groups.size().to_numpy())
@@ -184,36 +341,59 @@ def _write_plots(plots_dir: Path, rows: pd.DataFrame, per_row: dict[str, torch.T
             table.to_csv(tmp, index=False, float_format="%.6f")
 
 
-def _write_samples(
-    path: Path,
-    rows: pd.DataFrame,
-    texts: dict[str, list[str]],
-    closed: dict[str, list[bool]],
-    per_row: dict[str, torch.Tensor],
-    denom: float,
-    n_samples: int,
+def _write_report(
+    path: Path, sets: dict[str, _Set], metrics: dict[str, float], top_texts: dict[str, str], n_samples: int
 ) -> None:
-    def fve(key: str, i: int) -> str:
-        return f"{1 - float(per_row[key][i]) / denom:+.3f}"
-
+    """Markdown: the FVE table (with 95% CIs) and collapse diagnostics per set, then sample rows."""
+    names = [s for s in ("ar_gold", "roundtrip_sft", "roundtrip_rl", "ar_gold_rl", *CONTROLS) if s in sets[""].mse]
+    header = "| series | " + " | ".join(f"{SETS[s]} FVE [95% CI]" for s in sets) + " |"
     lines = [
-        "# Sample explanations (held-out eval rows)",
+        "# Evaluation: held-out and foreign text",
         "",
-        f"Per-row FVE = 1 − mse_nrm / {denom:.4f} (mean ‖u − ū‖² over these rows). Greedy AV decoding.",
+        "FVE = 1 − mean mse_nrm / mean ‖u − ū‖² (ū: the AR-SFT's training rows; the mean over each set's rows).",
+        "95% intervals: 1000 bootstrap resamples of documents. Greedy AV decoding.",
         "",
+        " | ".join(f"{SETS[s]}: {metrics[f'n_rows{s}']} rows from {metrics[f'n_docs{s}']} documents" for s in sets),
+        "",
+        header,
+        "|---|" + "---|" * len(sets),
     ]
-    for i in range(min(n_samples, len(rows))):
-        row = rows.iloc[i]
-        tail = row.prefix[-300:].replace("\n", " ")
-        lines += [
-            f"## {row.row_id} (position {row.position} of {row.n_tokens})",
-            "",
-            f"- **source (tail)**: …{tail}",
-            f"- **token**: `{row.token!r}`",
-            f"- **gold label** (AR FVE {fve('ar_gold', i)}): {row.explanation}",
+    for name in names:
+        cells = [
+            f"{metrics[f'fve_{name}{s}']:+.3f} [{metrics[f'fve_{name}{s}_lo']:+.3f}, {metrics[f'fve_{name}{s}_hi']:+.3f}]"
+            for s in sets
         ]
-        for name in texts:
-            flag = "" if closed[name][i] else " _(not closed: hit the token cap)_"
-            lines.append(f"- **AV {name}** (round-trip FVE {fve(f'roundtrip_{name}', i)}): {texts[name][i]}{flag}")
-        lines.append("")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Collapse diagnostics",
+        "",
+        "| AV | set | distinct | content words in context | top share | top explanation |",
+    ]
+    lines.append("|---|---|---|---|---|---|")
+    for suffix, data in sets.items():
+        for name in data.texts:
+            key = f"{name}{suffix}"
+            top = top_texts[key].replace("\n", " / ").replace("|", "\\|")[:120]
+            lines.append(
+                f"| {name} | {SETS[suffix]} | {metrics[f'distinct_{key}']:.2f} | {metrics[f'in_context_{key}']:.2f} "
+                f"| {metrics[f'top_share_{key}']:.2f} | {top} |"
+            )
+    for suffix, data in sets.items():
+        lines += ["", f"# Sample explanations ({SETS[suffix]} rows)", ""]
+        for i in range(min(n_samples, len(data.rows))):
+            row = data.rows.iloc[i]
+            tail = row.prefix[-300:].replace("\n", " ")
+            lines += [
+                f"## {row.row_id} (position {row.position} of {row.n_tokens})",
+                "",
+                f"- **source (tail)**: …{tail}",
+                f"- **token**: `{row.token!r}`",
+                f"- **gold label** (AR FVE {data.row_fve('ar_gold', i):+.3f}): {row.explanation}",
+            ]
+            for name, texts in data.texts.items():
+                series = "untrained" if name == "untrained" else f"roundtrip_{name}"
+                flag = "" if data.closed[name][i] else " _(not closed: hit the token cap)_"
+                lines.append(f"- **AV {name}** (round-trip FVE {data.row_fve(series, i):+.3f}): {texts[i]}{flag}")
+            lines.append("")
     atomic_write_text(path, "\n".join(lines))

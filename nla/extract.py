@@ -23,10 +23,20 @@ import torch
 from tqdm.auto import tqdm
 
 from nla.config import NLAConfig
-from nla.data import ACTIVATIONS_FILE, SPLIT_NAMES, SPLITS_FILE, pad_batch
+from nla.corpus import shared_ngram_texts
+from nla.data import ACTIVATIONS_FILE, FOREIGN, ROW_SPLITS, SPLIT_NAMES, SPLITS_FILE, pad_batch
 from nla.errors import NLAError
 from nla.io import read_table, write_table
-from nla.models import check_layer, d_model, load_model, residual_at
+from nla.models import (
+    autocast,
+    check_layer,
+    d_model,
+    load_model,
+    model_autocast,
+    next_token_logits,
+    residual_and_final,
+    residual_at,
+)
 from nla.sidecar import make_meta, read_sidecar, write_sidecar
 
 
@@ -64,17 +74,29 @@ def extract_shard(model, tokenizer, docs: pd.DataFrame, cfg: NLAConfig) -> pd.Da
     ]
     order = np.argsort([len(ids) for ids in encoded])[::-1]  # longest first: less padding per batch
     device = next(model.parameters()).device
+    mixed = model_autocast(model, cfg.model.autocast)
     pad_id = tokenizer.pad_token_id
     rows = []
     for start in range(0, len(order), ex.batch_size):
         batch = [int(i) for i in order[start : start + ex.batch_size]]
         ids, mask = pad_batch([encoded[i] for i in batch], pad_id)  # (b, longest)
-        hidden = residual_at(model, cfg.model.layer, ids.to(device), mask.to(device)).float().cpu()
+        ids, mask = ids.to(device), mask.to(device)
+        with autocast(device, mixed):
+            if ex.top_next:
+                hidden, final = residual_and_final(model, cfg.model.layer, ids, mask)  # (b, T, d) each
+            else:
+                hidden, final = residual_at(model, cfg.model.layer, ids, mask), None
+        hidden = hidden.float().cpu()
         for r, i in enumerate(batch):
             doc = docs.iloc[i]
             token_ids = encoded[i]
-            for p in sample_positions(doc.doc_id, token_ids, special, ex.positions_per_doc, ex.min_position, ex.seed):
+            positions = sample_positions(doc.doc_id, token_ids, special, ex.positions_per_doc, ex.min_position, ex.seed)
+            predicted = (
+                _top_next(model, tokenizer, final[r, positions].float(), ex.top_next) if final is not None else None
+            )
+            for j, p in enumerate(positions):
                 vector = hidden[r, p].numpy().astype(np.float32)
+                extra = {} if predicted is None else {"next_tokens": predicted[0][j], "next_probs": predicted[1][j]}
                 rows.append(
                     {
                         "row_id": f"{doc.doc_id}:{p}",
@@ -86,9 +108,20 @@ def extract_shard(model, tokenizer, docs: pd.DataFrame, cfg: NLAConfig) -> pd.Da
                         "prefix": tokenizer.decode(token_ids[: p + 1], skip_special_tokens=True),
                         "norm": float(np.linalg.norm(vector)),
                         "vector": vector,
+                        **extra,
                     }
                 )
     return pd.DataFrame(rows)
+
+
+def _top_next(model, tokenizer, final: torch.Tensor, k: int) -> tuple[list[list[str]], list[list[float]]]:
+    """The subject model's k most likely next tokens (decoded) and their probabilities at each of `final`'s rows."""
+    if final.shape[0] == 0:
+        return [], []
+    probs = torch.softmax(next_token_logits(model, final).float(), dim=-1)  # (positions, vocab)
+    top_p, top_i = probs.topk(k, dim=-1)
+    tokens = [[tokenizer.decode([t]) for t in row] for row in top_i.tolist()]
+    return tokens, [[round(float(x), 4) for x in row] for row in top_p.tolist()]
 
 
 def check_finite(rows: pd.DataFrame) -> None:
@@ -136,6 +169,7 @@ def run_extract(
             d_model=d_model(model),
             layer=cfg.model.layer,
             n_layers=model.config.num_hidden_layers,
+            autocast=str(model_autocast(model, cfg.model.autocast) or "off").removeprefix("torch."),
             rows=len(table),
             documents=int(table.doc_id.nunique()),
             norm_quantiles={str(q): float(np.quantile(table.norm, q)) for q in (0.01, 0.25, 0.5, 0.75, 0.99)},
@@ -159,10 +193,36 @@ def assign_splits(doc_ids: list[str], fractions: dict[str, float], seed: int) ->
     return assignment
 
 
-def run_split(cfg: NLAConfig, activations_dir: str | Path, out_dir: str | Path) -> pd.DataFrame:
+def run_split(
+    cfg: NLAConfig, activations_dir: str | Path, out_dir: str | Path, documents_path: str | Path | None = None
+) -> pd.DataFrame:
+    """Rows to splits by document group; foreign documents to `foreign`; no eval text shares a long n-gram with training.
+
+    With the documents table, the unit of assignment is a document's `group` (all pieces cut
+    from one article go to one split) and its `foreign` flag sends it to the foreign split. An
+    eval group that shares a word `corpus.leak_ngram`-gram with a training document (boilerplate
+    repeated across speeches, a quoted passage) moves to av_sft, so held-out text is unseen text.
+    """
     table = read_table(Path(activations_dir) / ACTIVATIONS_FILE, columns=["row_id", "doc_id"])
-    assignment = assign_splits(table.doc_id.tolist(), cfg.split.fractions, cfg.split.seed)
-    table["split"] = table.doc_id.map(assignment)
+    docs = read_table(documents_path) if documents_path is not None else None
+    if docs is None or "group" not in docs.columns:
+        docs = pd.DataFrame(
+            {"doc_id": table.doc_id.unique(), "text": None, "group": table.doc_id.unique(), "foreign": False}
+        )
+    docs = docs[docs.doc_id.isin(set(table.doc_id))]
+    local = docs[~docs.foreign.astype(bool)]
+    assignment = assign_splits(local.group.tolist(), cfg.split.fractions, cfg.split.seed)
+    split_of = {doc: assignment[group] for doc, group in zip(local.doc_id, local.group, strict=True)}
+    moved = 0
+    if local.text.notna().all():
+        training = local[local.doc_id.map(split_of) != "eval"].text
+        held = local[local.doc_id.map(split_of) == "eval"]
+        leaking = {held.group.iloc[i] for i in shared_ngram_texts(training, held.text.tolist(), cfg.corpus.leak_ngram)}
+        for doc, group in zip(local.doc_id, local.group, strict=True):
+            if group in leaking:
+                split_of[doc], moved = "av_sft", moved + 1
+    split_of |= dict.fromkeys(docs[docs.foreign.astype(bool)].doc_id, FOREIGN)
+    table["split"] = table.doc_id.map(split_of)
     write_table(Path(out_dir) / SPLITS_FILE, table)
     meta = read_sidecar(activations_dir)
     meta.update(
@@ -170,8 +230,9 @@ def run_split(cfg: NLAConfig, activations_dir: str | Path, out_dir: str | Path) 
             "nla_dataset",
             "split",
             split=cfg.split.model_dump(),
-            split_rows={s: int((table.split == s).sum()) for s in SPLIT_NAMES},
-            parents=[str(activations_dir)],
+            split_rows={s: int((table.split == s).sum()) for s in ROW_SPLITS},
+            eval_documents_moved_for_ngram_overlap=moved,
+            parents=[str(activations_dir)] + ([str(documents_path)] if documents_path is not None else []),
         )
     )
     write_sidecar(out_dir, meta)

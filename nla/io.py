@@ -68,16 +68,19 @@ def write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
 
 
-def write_table(path: str | Path, frame: pd.DataFrame) -> None:
-    """Parquet, atomically. Columns of 1-D float arrays become fixed-size float32 lists."""
+def write_table(path: str | Path, frame: pd.DataFrame, vector_columns: tuple[str, ...] = ("vector",)) -> None:
+    """Parquet, atomically. `vector_columns` (1-D float arrays) become fixed-size float32 lists; other list-like
+    cells (a row's predicted tokens, say) plain lists, whether they arrive as lists or as arrays read back."""
     columns = {}
     for name in frame.columns:
         col = frame[name]
-        if len(col) and isinstance(col.iloc[0], np.ndarray):
+        if len(col) and name in vector_columns and isinstance(col.iloc[0], np.ndarray):
             matrix = np.stack(col.to_numpy()).astype(np.float32)
             columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+        elif col.dtype == object:
+            columns[name] = pa.array([v.tolist() if isinstance(v, np.ndarray) else v for v in col])
         else:
-            columns[name] = pa.array(col.tolist()) if col.dtype == object else pa.array(col.to_numpy())
+            columns[name] = pa.array(col.to_numpy())
     with atomic_path(path) as tmp:
         pq.write_table(pa.table(columns), tmp)
 

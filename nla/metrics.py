@@ -60,3 +60,22 @@ def derangement(n: int, seed: int) -> np.ndarray:
     partner = np.empty(n, dtype=np.int64)
     partner[order] = np.roll(order, -1)
     return partner
+
+
+def bootstrap_fve(
+    mse: np.ndarray, deviation: np.ndarray, groups: np.ndarray, n_resamples: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
+    """(FVE, 2.5% and 97.5% quantiles) with whole groups (documents) resampled with replacement.
+
+    Rows of one document are correlated, so resampling rows would make the interval too narrow.
+    Each resample draws as many documents as there are, and recomputes 1 − Σ mse / Σ ‖u − ū‖²
+    over the rows of the drawn documents (numerator and denominator together).
+    """
+    _, index = np.unique(groups, return_inverse=True)
+    n_groups = int(index.max()) + 1
+    mse_sum = np.bincount(index, weights=mse, minlength=n_groups)  # (G,)
+    dev_sum = np.bincount(index, weights=deviation, minlength=n_groups)
+    draws = np.random.default_rng(seed).integers(0, n_groups, size=(n_resamples, n_groups))
+    counts = np.stack([np.bincount(d, minlength=n_groups) for d in draws])  # (R, G) times each group is drawn
+    fves = 1 - (counts @ mse_sum) / (counts @ dev_sum)
+    return float(1 - mse.mean() / deviation.mean()), float(np.quantile(fves, 0.025)), float(np.quantile(fves, 0.975))

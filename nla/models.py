@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,6 +217,49 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (avx512_bf16 or AMX), where bf16 pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_autocast(setting: str, device: torch.device, weights: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype for `model.autocast`: 'auto' is bf16 for fp32 weights on a CPU with bf16 instructions.
+
+    Weights and optimizer state stay fp32 (mixed precision): only the matmuls run in bf16, which
+    these CPUs do ~4x faster. On CUDA the weights themselves are bf16 by default, so no autocast.
+    """
+    if setting == "off":
+        return None
+    if setting == "bfloat16":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cpu" and weights == torch.float32 and cpu_supports_bf16() else None
+
+
+@contextmanager
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for one region, or nothing when `dtype` is None.
+
+    `cache_enabled=False`: autocast otherwise caches the bf16 copies of weights that require grad
+    until the outermost region exits, so a region around several optimizer steps would keep using
+    the first step's weights and silently stop learning.
+    """
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device.type, dtype=dtype, cache_enabled=False):
+        yield
+
+
+def model_autocast(model: nn.Module, setting: str) -> torch.dtype | None:
+    """`resolve_autocast` for a loaded model (its device and weight dtype)."""
+    param = next(model.parameters())
+    return resolve_autocast(setting, param.device, param.dtype)
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -283,3 +327,29 @@ def residual_at(
     finally:
         handle.remove()
     return captured[0]
+
+
+def residual_and_final(
+    model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output of block `layer`, the final normed hidden state), both (b, T, d), from one full forward.
+
+    The LM head is not applied here: `next_token_logits` applies it only where it is needed
+    (a few positions per document instead of every one).
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(module, inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = decoder_blocks(model)[layer].register_forward_hook(hook)
+    try:
+        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        handle.remove()
+    return captured[0], out.last_hidden_state
+
+
+def next_token_logits(model: nn.Module, final_hidden: torch.Tensor) -> torch.Tensor:
+    """The model's next-token logits from final normed hidden states (..., d) -> (..., vocab)."""
+    return model.get_output_embeddings()(final_hidden)

@@ -61,6 +61,7 @@ from nla.data import load_rows, vectors_of
 from nla.errors import NLAError
 from nla.io import atomic_dir, atomic_path, write_json
 from nla.metrics import fve_nrm, mse_nrm, unit
+from nla.models import autocast, model_autocast
 from nla.sidecar import make_meta, read_sidecar
 
 CHECKPOINT = "checkpoint"
@@ -70,7 +71,8 @@ LOG_FILE = "rl_log.csv"
 EVAL_LOG_FILE = "rl_eval.csv"
 METRICS_FILE = "rl_metrics.json"
 LOG_FIELDS = ["step", "reward_mean", "reward_std", "mse_mean", "fve_batch", "kl", "clip_frac", "len_mean"]
-LOG_FIELDS += ["capped_frac", "malformed_frac", "ar_loss", "loss", "generate_seconds", "seconds"]
+LOG_FIELDS += ["capped_frac", "malformed_frac", "marker_echo_frac", "distinct_frac", "zero_adv_groups", "entropy"]
+LOG_FIELDS += ["skipped_updates", "ar_loss", "loss", "generate_seconds", "seconds"]
 EVAL_FIELDS = ["step", "fve_heldout", "mse_heldout", "len_mean", "malformed_frac"]
 
 
@@ -169,6 +171,34 @@ def params_of(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in opt.param_groups for p in group["params"]]
 
 
+def duplicate_share(texts: list[str], group_size: int) -> torch.Tensor:
+    """Per row, the share of the other rows of its group that wrote the same text (0: unique, 1: all alike).
+
+    Subtracted (times `rl.duplicate_penalty`) from the reward: a group that writes one template
+    gets no advantage between its rows, so nothing pushes it away from that template.
+    """
+    out = torch.zeros(len(texts))
+    for start in range(0, len(texts), group_size):
+        group = texts[start : start + group_size]
+        for j, text in enumerate(group):
+            out[start + j] = (group.count(text) - 1) / max(group_size - 1, 1)
+    return out
+
+
+def _update(opt: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float) -> int:
+    """One clipped optimizer step on `loss`; skipped (returns 1) when the loss or a gradient is NaN/Inf."""
+    opt.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return 1
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params_of(opt), max_grad_norm)
+    if not torch.isfinite(norm):  # a NaN/Inf anywhere in the gradients makes the total norm non-finite
+        opt.zero_grad(set_to_none=True)
+        return 1
+    opt.step()
+    return 0
+
+
 def rl_step(
     av: AV,
     ref_log_probs,
@@ -193,33 +223,35 @@ def rl_step(
     ids = [list(s.token_ids) for s in samples]
     n_tokens = torch.tensor([len(t) for t in ids])
     capped = torch.tensor([not s.closed and len(s.token_ids) >= cfg.max_new_tokens for s in samples])
-    malformed = torch.tensor([not s.closed or not s.text.strip() for s in samples])
+    # A completion that writes the marker token would add an injection site to its own log-prob pass
+    # (one vector, two sites): it is scored as malformed and left out of the policy loss, not fatal.
+    echoed = torch.tensor([av.marker.token_id in s.token_ids for s in samples])
+    malformed = torch.tensor([not s.closed or not s.text.strip() for s in samples]) | echoed
 
     with torch.no_grad():
         pred = ar.reconstruct(texts)
     mse = mse_nrm(pred.cpu(), rows.cpu())
-    rewards = shaped_rewards(mse, malformed, capped, n_tokens, cfg)
+    rewards = shaped_rewards(mse, malformed, capped, n_tokens, cfg) - cfg.duplicate_penalty * duplicate_share(texts, G)
     advantages = group_advantages(rewards, G)
 
-    ref_logp = ref_log_probs(rows, ids)
-    logp, mask = av.completion_log_probs(rows, ids, temperature=cfg.temperature)
-    old_logp = logp.detach()  # π_old = the sampling policy (one update per batch)
-    ref_logp, advantages = ref_logp.to(logp.device), advantages.to(logp.device)  # mask is there already
-    loss, stats = clipped_objective(logp, old_logp, ref_logp, advantages, mask, cfg.epsilon, cfg.beta)
-    av_opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params_of(av_opt), cfg.max_grad_norm)
-    av_opt.step()
+    live = (~echoed).nonzero().flatten().tolist()  # rows whose completions enter the policy loss
+    loss, stats, av_skipped = torch.zeros(()), {"kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}, 0
+    if live:
+        live_ids = [ids[i] for i in live]
+        ref_logp = ref_log_probs(rows[live], live_ids)
+        logp, mask = av.completion_log_probs(rows[live], live_ids, temperature=cfg.temperature)
+        old_logp = logp.detach()  # π_old = the sampling policy (one update per batch)
+        adv = advantages[live].to(logp.device)
+        loss, stats = clipped_objective(logp, old_logp, ref_logp.to(logp.device), adv, mask, cfg.epsilon, cfg.beta)
+        stats["entropy"] = float(-(old_logp * mask).sum() / mask.sum().clamp_min(1))  # sampled-token estimate
+        av_skipped = _update(av_opt, loss, cfg.max_grad_norm)
 
-    ar_loss = float("nan")
+    ar_loss, ar_skipped = float("nan"), 0
     keep = [i for i in range(len(texts)) if not malformed[i]]
     if ar_opt is not None and keep:
         ar.train()
-        ar_opt.zero_grad(set_to_none=True)
         ar_loss_t = ar.loss([texts[i] for i in keep], rows[keep])
-        ar_loss_t.backward()
-        torch.nn.utils.clip_grad_norm_(params_of(ar_opt), cfg.max_grad_norm)
-        ar_opt.step()
+        ar_skipped = _update(ar_opt, ar_loss_t, cfg.max_grad_norm)
         ar_loss = float(ar_loss_t.detach())
 
     fve = float(fve_nrm(pred.cpu(), rows.cpu(), mean_unit.cpu())) if mean_unit is not None else float("nan")
@@ -232,6 +264,10 @@ def rl_step(
         "len_mean": float(n_tokens.float().mean()),
         "capped_frac": float(capped.float().mean()),
         "malformed_frac": float(malformed.float().mean()),
+        "marker_echo_frac": float(echoed.float().mean()),
+        "distinct_frac": len(set(texts)) / len(texts),
+        "zero_adv_groups": float((rewards.view(-1, G).std(dim=1) < 1e-6).float().mean()),
+        "skipped_updates": av_skipped + ar_skipped,
         "ar_loss": ar_loss,
         "loss": float(loss.detach()),
         "generate_seconds": generate_seconds,
@@ -323,8 +359,12 @@ def train_rl(
     mean_unit: torch.Tensor | None = None,
     fingerprint: str = "",
     train_ar: bool = True,
+    autocast_dtype: torch.dtype | None = None,
 ) -> RLState:
-    """The RL loop with periodic held-out evaluation and checkpoints; resumes from `work_dir`."""
+    """The RL loop with periodic held-out evaluation and checkpoints; resumes from `work_dir`.
+
+    `autocast_dtype`: mixed precision for every step (bf16 matmuls on a bf16-capable CPU).
+    """
     work_dir = Path(work_dir)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -339,7 +379,8 @@ def train_rl(
 
     def run_eval(step: int) -> None:
         if eval_vectors is not None and mean_unit is not None and not any(e["step"] == step for e in state.eval_log):
-            state.eval_log.append({"step": step, **evaluate_heldout(av, ar, eval_vectors, mean_unit, cfg)})
+            with autocast(av.device, autocast_dtype):
+                state.eval_log.append({"step": step, **evaluate_heldout(av, ar, eval_vectors, mean_unit, cfg)})
 
     run_eval(0)
     bar = tqdm(total=cfg.steps, initial=state.step, desc="rl", unit="step")
@@ -347,7 +388,10 @@ def train_rl(
         bar.write(f"rl: resumed at step {state.step} from {work_dir / CHECKPOINT}")
     while state.step < cfg.steps:
         idx = rng.choice(len(train_vectors), size=min(cfg.prompts_per_step, len(train_vectors)), replace=False)
-        metrics = rl_step(av, ref_log_probs, ar, train_vectors[torch.as_tensor(idx)], cfg, av_opt, ar_opt, mean_unit)
+        with autocast(av.device, autocast_dtype):
+            metrics = rl_step(
+                av, ref_log_probs, ar, train_vectors[torch.as_tensor(idx)], cfg, av_opt, ar_opt, mean_unit
+            )
         state.step += 1
         state.log.append({"step": state.step, **metrics})
         if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
@@ -453,6 +497,7 @@ def run_rl(
         eval_vectors=eval_vectors,
         mean_unit=mean_unit,
         fingerprint=fingerprint,
+        autocast_dtype=model_autocast(av.model, cfg.model.autocast),
     )
     metrics = summarize(state, time.perf_counter() - start)
 

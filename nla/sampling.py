@@ -71,9 +71,12 @@ class StaticKV:
         if layer_idx not in self.keys:
             n, heads, _, _ = key.shape
             self.keys[layer_idx] = key.new_zeros(n, heads, self.length, key.shape[-1])
-            self.values[layer_idx] = value.new_zeros(n, heads, self.length, value.shape[-1])
-        self.keys[layer_idx].index_copy_(2, self.slots, key)
-        self.values[layer_idx].index_copy_(2, self.slots, value)
+            # Values in the keys' dtype: under CPU autocast the projections are bf16 but rotary returns fp32
+            # keys, and attention needs one dtype (without autocast both are the model's dtype anyway).
+            self.values[layer_idx] = key.new_zeros(n, heads, self.length, value.shape[-1])
+        # Under autocast the prefill and the decode steps may hand over different dtypes: keep the buffer's.
+        self.keys[layer_idx].index_copy_(2, self.slots, key.to(self.keys[layer_idx].dtype))
+        self.values[layer_idx].index_copy_(2, self.slots, value.to(self.values[layer_idx].dtype))
         return self.keys[layer_idx], self.values[layer_idx]
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 from nla.config import NLAConfig
 
 SETTINGS = {
-    "corpus": {"max_docs": 12},
+    "corpus": {"max_docs": 12, "foreign": {}},
     "extract": {"max_tokens": 48, "positions_per_doc": 2},
     "split": {"fractions": {"av_sft": 0.34, "ar_sft": 0.33, "rl": 0.0, "eval": 0.33}},
     "av_sft": {"max_steps": 1, "batch_size": 4},

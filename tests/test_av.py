@@ -250,3 +250,36 @@ def test_load_av_refuses_a_sidecar_that_disagrees(trained, tmp_path, edit, messa
 def test_load_av_refuses_activations_of_another_layer(trained):
     with pytest.raises(NLAError, match="layer"):
         load_av(trained[1] / "av", device="cpu", layer=12)
+
+
+def test_bf16_autocast_training_steps_still_learn():
+    """The project's mixed-precision region keeps learning across optimizer steps. A plain
+    `torch.autocast` region around several steps caches the bf16 copies of the weights at the
+    first step and silently trains nothing; `nla.models.autocast` turns that cache off."""
+    from conftest import tiny_model
+
+    from nla.models import autocast
+
+    def losses(cache_enabled: bool) -> list[float]:
+        model = tiny_model("llama").train()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        ids = torch.randint(5, 500, (4, 24), generator=torch.Generator().manual_seed(0))
+        out = []
+        region = (
+            autocast(torch.device("cpu"), torch.bfloat16)
+            if not cache_enabled
+            else torch.autocast("cpu", dtype=torch.bfloat16)
+        )
+        with region:
+            for _ in range(12):
+                loss = model(input_ids=ids, labels=ids).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                out.append(float(loss))
+        return out
+
+    ours = losses(cache_enabled=False)
+    assert ours[-1] < ours[0] - 0.5  # it learns
+    cached = losses(cache_enabled=True)
+    assert abs(cached[-1] - cached[0]) < abs(ours[-1] - ours[0]) / 2  # the cached region does not (why it exists)

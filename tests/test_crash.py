@@ -86,7 +86,10 @@ def inodes(files: list[Path]) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- extract
 
-EXTRACT = {"corpus": {"max_docs": 14}, "extract": {"max_tokens": 96, "shard_docs": 1, "positions_per_doc": 2}}
+EXTRACT = {
+    "corpus": {"max_docs": 14, "foreign": {}},
+    "extract": {"max_tokens": 96, "shard_docs": 1, "positions_per_doc": 2},
+}
 
 
 def test_extract_killed_mid_run_resumes_from_its_shards(tmp_path):

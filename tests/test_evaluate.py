@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -118,8 +119,15 @@ def test_evaluate_writes_every_metric_plot_and_sample(embedded_run, tmp_path):
         "fve_mean",
         "cos_ar_gold",
         "cos_roundtrip_sft",
-        "cos_shuffled",
-        "cos_empty",
+        "fve_const",
+        "fve_copy",
+        "fve_final_only",
+        "fve_untrained",
+        "fve_roundtrip_rl_lo",
+        "fve_roundtrip_rl_hi",
+        "distinct_sft",
+        "in_context_sft",
+        "top_share_rl",
         "expl_sft_tokens_mean",
         "expl_sft_tokens_median",
         "expl_sft_tokens_max",
@@ -130,6 +138,9 @@ def test_evaluate_writes_every_metric_plot_and_sample(embedded_run, tmp_path):
         assert key in metrics, key
     assert 2 <= metrics["n_rows"] <= cfg.evaluate.max_rows
     assert metrics["fve_mean"] == pytest.approx(0.0, abs=1e-6)
+    for key in [k for k in metrics if k.startswith("fve_") and k + "_lo" in metrics]:
+        assert metrics[key + "_lo"] - 1e-9 <= metrics[key] <= metrics[key + "_hi"] + 1e-9, key
+    assert not any(k.endswith("_foreign") for k in metrics)  # this corpus has no foreign documents
     # Same checkpoints, greedy decoding: the "RL" numbers reproduce the SFT ones exactly.
     assert metrics["fve_roundtrip_rl"] == pytest.approx(metrics["fve_roundtrip_sft"], abs=1e-5)
     assert metrics["fve_ar_gold_rl"] == pytest.approx(metrics["fve_ar_gold"], abs=1e-5)
@@ -147,5 +158,62 @@ def test_evaluate_writes_every_metric_plot_and_sample(embedded_run, tmp_path):
     assert by_pos.n_rows.sum() == metrics["n_rows"]
 
     samples = (tmp_path / "samples.md").read_text()
-    assert samples.count("\n## ") == min(cfg.evaluate.n_samples, metrics["n_rows"])
+    assert samples.count("\n## doc-") == min(cfg.evaluate.n_samples, metrics["n_rows"])  # no foreign set here
+    assert "## Collapse diagnostics" in samples and "| roundtrip_sft |" in samples
     assert "**gold label**" in samples and "**AV sft**" in samples and "round-trip FVE" in samples
+
+
+@pytest.mark.slow
+def test_evaluate_scores_the_foreign_set_with_the_same_controls(embedded_run, tmp_path):
+    """Documents in the `foreign` split get every series under a `_foreign` key, with their own rows."""
+    from nla.data import SPLITS_FILE
+    from nla.io import read_table, write_table
+
+    run = embedded_run
+    splits = read_table(run["split"] / SPLITS_FILE)
+    eval_docs = sorted(splits[splits.split == "eval"].doc_id.unique())
+    splits.loc[splits.doc_id.isin(eval_docs[: len(eval_docs) // 2]), "split"] = "foreign"
+    split_dir = tmp_path / "split"
+    write_table(split_dir / SPLITS_FILE, splits)
+    cfg = NLAConfig.model_validate(SETTINGS)
+    metrics = run_evaluate(
+        cfg,
+        run["act"],
+        split_dir,
+        run["labels"],
+        {"av_sft": run["av"], "ar_sft": run["ar"]},
+        tmp_path / "eval.json",
+        tmp_path / "plots",
+        tmp_path / "samples.md",
+    )
+    for name in ("ar_gold", "roundtrip_sft", "copy", "final_only", "untrained", "const", "shuffled"):
+        assert f"fve_{name}_foreign" in metrics and f"fve_{name}_foreign_lo" in metrics
+    assert metrics["n_docs_foreign"] == len(eval_docs) // 2
+    assert metrics["n_docs"] == len(eval_docs) - len(eval_docs) // 2
+    assert metrics["fve_mean_foreign"] == pytest.approx(0.0, abs=1e-6)
+    assert "foreign FVE" in (tmp_path / "samples.md").read_text()
+
+
+def test_bootstrap_interval_resamples_documents():
+    from nla.metrics import bootstrap_fve
+
+    rng = np.random.default_rng(0)
+    dev = np.ones(40)
+    tight = bootstrap_fve(np.full(40, 0.5), dev, np.repeat(np.arange(10), 4))
+    assert tight == pytest.approx((0.5, 0.5, 0.5))  # every document alike: no spread
+    mse = rng.uniform(0, 1, 40)
+    fve, lo, hi = bootstrap_fve(mse, dev, np.repeat(np.arange(10), 4))
+    assert lo < fve < hi and fve == pytest.approx(1 - mse.mean())
+    # Two documents with very different rows: a much wider interval than 40 independent documents.
+    _, lo2, hi2 = bootstrap_fve(mse, dev, np.repeat(np.arange(2), 20))
+    _, lo40, hi40 = bootstrap_fve(mse, dev, np.arange(40))
+    assert hi2 - lo2 >= hi40 - lo40 or np.isclose(hi2 - lo2, hi40 - lo40)
+
+
+def test_collapse_stats_count_distinct_texts_and_context_words():
+    from nla.evaluate import collapse_stats
+
+    stats, top = collapse_stats(["Topic: cats.", "Topic: cats.", "Topic: dogs bark."], ["the cats", "cats", "a dog"])
+    assert top == "Topic: cats."
+    assert stats["distinct"] == pytest.approx(2 / 3) and stats["top_share"] == pytest.approx(2 / 3)
+    assert stats["in_context"] == pytest.approx(2 / 4)  # cats, cats found; dogs, bark not

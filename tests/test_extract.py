@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nla.config import CorpusConfig, NLAConfig
-from nla.corpus import embedded_corpus_path, load_documents
+from nla.corpus import build_corpus, shared_ngram_texts
 from nla.data import load_rows
 from nla.errors import NLAError
 from nla.extract import assign_splits, extract_shard, run_extract, run_split, sample_positions
@@ -33,7 +33,7 @@ class ToyTokenizer:
         return {"input_ids": ids}
 
     def decode(self, ids, skip_special_tokens=False):
-        return " ".join(self.inverse[i] for i in ids if i > 1)
+        return " ".join(self.inverse.get(i, f"<{i}>") for i in ids if i > 1)  # predictions may be unseen ids
 
 
 def docs_frame(n=6):
@@ -49,6 +49,8 @@ def toy_cfg(layer=2) -> NLAConfig:
     cfg.extract.batch_size = 4
     cfg.extract.min_position = 2
     cfg.extract.positions_per_doc = 3
+    cfg.extract.top_next = 0  # the toy tokenizer cannot decode arbitrary predicted ids
+    cfg.model.autocast = "off"  # compared with an fp32 forward to 1e-4
     return cfg
 
 
@@ -101,13 +103,14 @@ def test_splits_are_disjoint_by_document_and_follow_fractions():
     assert assignment == assign_splits(list(reversed(doc_ids)), fractions, seed=1)
 
 
+def load_documents(cfg: CorpusConfig):
+    return build_corpus(cfg)[0]
+
+
 def test_corpus_sources(tmp_path):
-    assert embedded_corpus_path().name == "lee_background.cor"
-    docs = load_documents(CorpusConfig(max_docs=5))
-    assert len(docs) == 5 and docs.text.str.len().min() >= 200
     jsonl = tmp_path / "c.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"body": "word " * 60}) for _ in range(3)))
-    assert len(load_documents(CorpusConfig(source=str(jsonl), text_field="body"))) == 3
+    jsonl.write_text("\n".join(json.dumps({"body": f"word{i} " * 60}) for i in range(3)))
+    assert len(load_documents(CorpusConfig(source=str(jsonl), text_field="body", foreign={}))) == 3
     latin = tmp_path / "c.txt"
     latin.write_bytes("caf\xe9 ".encode("latin1") * 100)
     with pytest.raises(NLAError, match="not UTF-8"):
@@ -116,13 +119,61 @@ def test_corpus_sources(tmp_path):
         load_documents(CorpusConfig(source=str(jsonl)))
     huge = tmp_path / "h.txt"
     huge.write_text("x " * 50_000)
-    assert load_documents(CorpusConfig(source=str(huge), max_chars=1000)).text.str.len().max() == 1000
+    assert load_documents(CorpusConfig(source=str(huge), max_chars=1000, foreign={})).text.str.len().max() == 1000
+
+
+def test_corpus_drops_exact_and_near_duplicates(tmp_path):
+    base = " ".join(f"w{i}" for i in range(80))
+    near = base.replace("w40", "other")  # one word changed: near-identical shingles
+    texts = [base, base, near, " ".join(f"v{i}" for i in range(80))]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    docs, stats = build_corpus(CorpusConfig(source=str(path), foreign={}))
+    assert len(docs) == 2 and stats["exact_duplicates"] == 1 and stats["near_duplicates"] == 1
+
+
+@pytest.fixture(scope="module")
+def embedded_corpus():
+    return build_corpus(CorpusConfig(max_docs=500))
+
+
+def test_the_embedded_corpus_is_multi_source_without_duplicates_or_foreign_leaks(embedded_corpus):
+    docs, stats = embedded_corpus
+    local, foreign = docs[~docs.foreign], docs[docs.foreign]
+    assert set(local.source) == {"wiki", "sotu"} and set(foreign.source) == {"lee"}
+    assert len(local) > 400 and 0 < len(foreign) <= 64
+    assert docs.text.str.split().str.join(" ").str.lower().is_unique
+    assert stats["exact_duplicates"] >= 5  # the Lee corpus' duplicate pairs, at least
+    assert not shared_ngram_texts(local.text, foreign.text.tolist(), 8)  # foreign text is unseen text
+    assert set(stats["licenses"]) == {"wiki", "sotu", "lee"}
+
+
+def test_no_eval_text_shares_a_long_ngram_with_training_text(embedded_corpus, tmp_path):
+    """The split keeps pieces of one article together and moves eval documents that share an 8-gram
+    with a training document (repeated boilerplate) into training: held-out text is unseen text."""
+    from nla.sidecar import make_meta, write_sidecar
+
+    docs = embedded_corpus[0]
+    act = tmp_path / "act"
+    write_table(act / "activations.parquet", pd.DataFrame({"row_id": docs.doc_id + ":9", "doc_id": docs.doc_id}))
+    write_sidecar(act, make_meta("nla_dataset", "extract", base_model="x", d_model=4, layer=0))
+    write_table(tmp_path / "docs.parquet", docs)
+    table = run_split(NLAConfig(), act, tmp_path / "split", tmp_path / "docs.parquet")
+    split_of = dict(zip(table.doc_id, table.split, strict=True))
+    docs = docs.assign(split=docs.doc_id.map(split_of))
+    assert (docs[docs.foreign].split == "foreign").all()
+    training = docs[docs.split.isin(["av_sft", "ar_sft", "rl"])]
+    held = docs[docs.split == "eval"]
+    assert len(held) > 20
+    assert not shared_ngram_texts(training.text, held.text.tolist(), 8)
+    assert docs.groupby("group").split.nunique().max() == 1  # one article, one split
 
 
 @pytest.mark.slow
 def test_extract_and_split_on_the_embedded_model_resume_after_a_crash(tmp_path, monkeypatch):
     cfg = NLAConfig()
     cfg.corpus.max_docs = 6
+    cfg.corpus.foreign = {}
     cfg.extract.shard_docs = 2
     cfg.extract.max_tokens = 32
     docs = load_documents(cfg.corpus)
@@ -152,3 +203,23 @@ def test_extract_and_split_on_the_embedded_model_resume_after_a_crash(tmp_path, 
     assert rows.groupby("doc_id").split.nunique().max() == 1
     with pytest.raises(NLAError, match="sidecar d_model=576"):
         load_rows(tmp_path / "act", tmp_path / "split", d_model=64)
+
+
+def test_extract_stores_the_models_own_next_token_predictions(tiny_arch_model):
+    """With top_next, each row carries the subject model's k most likely next tokens from the same forward."""
+    arch, model = tiny_arch_model
+    docs = docs_frame()
+    tok = ToyTokenizer(docs.text)
+    cfg = toy_cfg(layer=1)
+    cfg.extract.top_next = 3
+    with torch.no_grad():
+        rows = extract_shard(model, tok, docs, cfg)
+    base = extract_shard(model, tok, docs, toy_cfg(layer=1))
+    np.testing.assert_allclose(np.stack(rows.vector), np.stack(base.vector), rtol=1e-5, atol=1e-5)  # same vectors
+    row = rows.iloc[0]
+    ids = tok([docs.set_index("doc_id").text[row.doc_id]])["input_ids"][0][: row.position + 1]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+    expected = [tok.decode([i]) for i in logits.topk(3).indices.tolist()]
+    assert list(row.next_tokens) == expected
+    assert list(row.next_probs) == sorted(row.next_probs, reverse=True) and 0 < sum(row.next_probs) <= 1.0001

@@ -524,3 +524,20 @@ def test_local_backend_labels_and_resumes_from_its_cache(dataset, tmp_path):
     pd.testing.assert_frame_equal(bad, resumed[1])
     meta = read_sidecar(tmp_path / "out")
     assert meta["labeler"]["backend"] == "local" and meta["labeler"]["few_shot"]
+
+
+def test_grounded_labels_name_the_subject_models_own_predictions(tmp_path):
+    """The grounded labeler writes the paper's format; its last feature names the model's next tokens,
+    which a copy of the context cannot contain, and the stage refuses to run without them."""
+    from nla.label.backends import BACKENDS, BackendStats
+    from nla.label.backends.grounded import grounded_response
+
+    raw = grounded_response("The central bank raised interest rates again", " again", [" in", " on", "in", " this"])
+    parsed = parse_response(raw, 2, RANGES)
+    assert parsed.reason is None and parsed.n_features == 3
+    assert parsed.explanation.splitlines()[-1] == 'Final token "again"; next likely: "in", "on", "this".'
+    assert parsed.explanation.splitlines()[0] == "Topic: central, bank, raised."
+    results = BACKENDS["grounded"](NLAConfig(), ["a b c"], [" c"], BackendStats(), [[" d", " e"]])
+    assert '"d", "e"' in results[0].raw
+    with pytest.raises(NLAError, match="extract.top_next"):
+        BACKENDS["grounded"](NLAConfig(), ["a b c"], [" c"], BackendStats(), None)

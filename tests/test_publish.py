@@ -46,7 +46,7 @@ def trained(tmp_path_factory):
     lora = {"r": 4, "alpha": 8}
     cfg = config_from_dict(
         {
-            "corpus": {"max_docs": 12},
+            "corpus": {"max_docs": 12, "foreign": {}},
             "extract": {"max_tokens": 24, "positions_per_doc": 2, "min_position": 4},
             "av_sft": {"max_steps": 1, "batch_size": 2, "lora": lora},
             "ar_sft": {"max_steps": 1, "batch_size": 2, "lora": lora},

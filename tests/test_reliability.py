@@ -23,7 +23,7 @@ from nla.config import NLAConfig, deep_merge
 
 NLA = str(Path(sys.executable).with_name("nla"))
 SMALL = {
-    "corpus": {"max_docs": 4},
+    "corpus": {"max_docs": 4, "foreign": {}},
     "extract": {"max_tokens": 32, "shard_docs": 2, "positions_per_doc": 2, "batch_size": 4},
 }
 
@@ -432,7 +432,7 @@ def finished_files(folder: Path) -> list[Path]:
 
 
 PIPELINE = {
-    "corpus": {"max_docs": 24},
+    "corpus": {"max_docs": 24, "foreign": {}},
     "extract": {"max_tokens": 48, "shard_docs": 8, "positions_per_doc": 2},
     "label": {"backend": "baseline"},
     "injection": {"scale": 1.0},  # set: no α sweep needed before av-sft

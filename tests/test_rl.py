@@ -403,3 +403,58 @@ def test_run_rl_writes_loadable_checkpoints_and_logs(tiny_setup, tmp_path):
     before = AutoModelForCausalLM.from_pretrained(av_dir).state_dict()
     after = load_av(out / "av", "cpu").model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the saved AV is the trained policy
+
+
+def test_a_rollout_that_echoes_the_marker_is_masked_not_fatal(tiny_setup):
+    """A completion holding the anchored marker would add an injection site to its own log-prob pass.
+    RL scores it as malformed, leaves it out of the policy loss, counts it, and carries on."""
+    from nla.av import Explanation
+    from nla.rl import reference_log_probs, rl_step
+
+    av, ar, m = tiny_setup.make_av(), tiny_setup.make_ar(), tiny_setup.marker
+    eos = av.tokenizer.eos_token_id
+    clean = Explanation("a cat", (5, 6, eos), True)
+    echo = Explanation("a ─ cat", (5, m.left_id, m.token_id, m.right_id, eos), True)  # a full anchored site
+    av.generate = lambda vectors, *args, **kwargs: [echo if i % 4 == 0 else clean for i in range(len(vectors))]
+    cfg = RLConfig(prompts_per_step=2, group_size=4, max_new_tokens=8)
+    params = [p for p in av.model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    out = rl_step(
+        av,
+        reference_log_probs(av, tiny_setup.sft_dir),
+        ar,
+        torch.randn(2, 64),
+        cfg,
+        torch.optim.SGD(params, lr=1.0),
+        None,
+    )
+    assert out["marker_echo_frac"] == pytest.approx(0.25)
+    assert out["malformed_frac"] == pytest.approx(0.25)
+    assert any(not torch.equal(b, p) for b, p in zip(before, params, strict=True))  # the other rows still trained
+
+
+def test_a_non_finite_loss_skips_the_update():
+    from nla.rl import _update
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([weight], lr=1.0)
+    assert _update(opt, (weight * float("nan")).sum(), 1.0) == 1
+    assert _update(opt, (weight * torch.tensor([1.0, float("inf"), 1.0])).sum(), 1.0) == 1
+    assert torch.equal(weight.detach(), torch.ones(3))  # neither step touched the weights
+    assert _update(opt, weight.sum(), 10.0) == 0 and not torch.equal(weight.detach(), torch.ones(3))
+
+
+def test_duplicate_share_within_groups():
+    from nla.rl import duplicate_share
+
+    shares = duplicate_share(["a", "a", "a", "b", "x", "y", "z", "w"], group_size=4)
+    assert shares.tolist() == pytest.approx([2 / 3, 2 / 3, 2 / 3, 0.0, 0.0, 0.0, 0.0, 0.0])
+
+
+def test_no_loss_on_tokens_after_end_of_sequence(tiny_setup):
+    """Completions stop at EOS; log-probs and the mask cover tokens up to and including it, nothing after."""
+    av = tiny_setup.make_av()
+    eos = av.tokenizer.eos_token_id
+    logp, mask = av.completion_log_probs(torch.randn(2, 64), [[5, eos], [5, 6, 7, eos]])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert (logp[0, 2:] == 0).all()  # padding after the first row's EOS carries no log-prob, so no gradient

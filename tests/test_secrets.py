@@ -110,7 +110,7 @@ def test_no_token_is_written_anywhere(tmp_path):
             tmp_path / "project",
             {
                 "model": {"name": str(model_dir), "layer": 1},
-                "corpus": {"max_docs": 12},
+                "corpus": {"max_docs": 12, "foreign": {}},
                 "extract": {"max_tokens": 32, "shard_docs": 6, "positions_per_doc": 2},
                 "label": {
                     "backend": "openai",

@@ -38,9 +38,20 @@ def nla_imports(path: Path) -> set[str]:
     return found
 
 
+def with_parents(modules: set[str]) -> set[str]:
+    """Importing `nla.a.b.c` runs `nla.a` and `nla.a.b` first (their `__init__`), so they count too."""
+    return {".".join(m.split(".")[:i]) for m in modules for i in range(2, m.count(".") + 2)}
+
+
 def import_graph() -> dict[str, set[str]]:
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    return {name: {m for m in nla_imports(path) if m in modules and m != name} for name, path in modules.items()}
+    return {
+        # A module's own ancestors are already importing when it runs: not an edge.
+        name: {
+            m for m in with_parents(nla_imports(path)) if m in modules and m != name and not name.startswith(m + ".")
+        }
+        for name, path in modules.items()
+    }
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from nla.config import NLAConfig
-from nla.data import EXPLANATIONS_FILE, SPLIT_NAMES, load_rows
+from nla.data import EXPLANATIONS_FILE, ROW_SPLITS, load_rows
 from nla.errors import NLAError
 from nla.io import atomic_dir, write_json, write_table
 from nla.label.backends import BACKENDS, BackendStats
@@ -43,7 +43,7 @@ def labeler_description(cfg: NLAConfig, model: str) -> dict[str, Any]:
         "model": model,
         "instruction": lab.instruction,
         "user_template": lab.user_template,
-        "few_shot": [list(ex) for ex in FEW_SHOT] if lab.backend != "baseline" else [],
+        "few_shot": [list(ex) for ex in FEW_SHOT] if lab.backend in ("local", "openai") else [],
         "answer_tags": [ANALYSIS_OPEN, ANALYSIS_CLOSE],
         "feature_separator": FEATURE_SEP,
         "context_tokens": lab.context_tokens,
@@ -64,9 +64,9 @@ def labeler_description(cfg: NLAConfig, model: str) -> dict[str, Any]:
 def run_label(cfg: NLAConfig, activations_dir: str | Path, splits_dir: str | Path, out_dir: str | Path) -> pd.DataFrame:
     """Label the rows of `label.splits`; write explanations, failed rows, stats and the sidecar."""
     lab = cfg.label
-    unknown = sorted(set(lab.splits) - set(SPLIT_NAMES))
+    unknown = sorted(set(lab.splits) - set(ROW_SPLITS))
     if unknown or not lab.splits:
-        raise NLAError(f"label.splits={lab.splits} must be a non-empty subset of {list(SPLIT_NAMES)}; fix params.yaml")
+        raise NLAError(f"label.splits={lab.splits} must be a non-empty subset of {list(ROW_SPLITS)}; fix params.yaml")
     rows = load_rows(activations_dir, splits_dir, lab.splits)
     if rows.empty:
         raise NLAError(f"no activation rows in splits {lab.splits}; check split.fractions and label.splits")
@@ -75,7 +75,8 @@ def run_label(cfg: NLAConfig, activations_dir: str | Path, splits_dir: str | Pat
 
     started = time.perf_counter()
     stats = BackendStats()
-    results = BACKENDS[lab.backend](cfg, contexts, tokens, stats)
+    next_tokens = rows.next_tokens.map(list).tolist() if "next_tokens" in rows.columns else None
+    results = BACKENDS[lab.backend](cfg, contexts, tokens, stats, next_tokens)
     elapsed = time.perf_counter() - started
 
     good, bad = [], []
@@ -108,7 +109,7 @@ def run_label(cfg: NLAConfig, activations_dir: str | Path, splits_dir: str | Pat
         "failed": len(failed),
         "failed_by_reason": dict(sorted(reasons.items())),
         "malformed_rate": sum(n for r, n in reasons.items() if not r.startswith("request_failed")) / len(rows),
-        "labeled_by_split": {s: int((explanations.split == s).sum()) for s in lab.splits},
+        "labeled_by_split": {s: int((explanations.split == s).sum()) for s in lab.splits if (rows.split == s).any()},
         "backend": lab.backend,
         "model": stats.model,
         "seconds": round(elapsed, 3),

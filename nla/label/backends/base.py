@@ -1,9 +1,10 @@
 """What a labeler backend is: a plain function from rows to raw responses.
 
-    backend(cfg, contexts, tokens, stats) -> list[Result]   # one Result per row, in order
+    backend(cfg, contexts, tokens, stats, next_tokens) -> list[Result]   # one Result per row, in order
 
 `contexts` are the rows' texts already cut to `label.context_tokens`, `tokens` their final
-tokens. A backend never parses: it returns the raw response (or why none came) and fills
+tokens, `next_tokens` the subject model's own most likely next tokens at each row's position
+(extract's `next_tokens` column; None when extract ran with `top_next: 0`). A backend never parses: it returns the raw response (or why none came) and fills
 `stats` with what it did; the stage parses every response the same way.
 """
 
@@ -35,4 +36,4 @@ class BackendStats:
     model: str = ""
 
 
-Backend = Callable[[NLAConfig, list[str], list[str], BackendStats], list[Result]]
+Backend = Callable[[NLAConfig, list[str], list[str], BackendStats, list[list[str]] | None], list[Result]]

@@ -56,7 +56,13 @@ def baseline_response(context: str, token: str) -> str:
     return f"{ANALYSIS_OPEN}\n" + "\n".join(f"- {f}" for f in features) + f"\n{ANALYSIS_CLOSE}"
 
 
-def label_baseline(cfg: NLAConfig, contexts: list[str], tokens: list[str], stats: BackendStats) -> list[Result]:
+def label_baseline(
+    cfg: NLAConfig,
+    contexts: list[str],
+    tokens: list[str],
+    stats: BackendStats,
+    next_tokens: list[list[str]] | None = None,
+) -> list[Result]:
     stats.model = "baseline"
     return [
         Result(raw=baseline_response(c, t))

@@ -43,7 +43,13 @@ def common_prefix_len(sequences: list[list[int]]) -> int:
     return n
 
 
-def label_local(cfg: NLAConfig, contexts: list[str], tokens: list[str], stats: BackendStats) -> list[Result]:
+def label_local(
+    cfg: NLAConfig,
+    contexts: list[str],
+    tokens: list[str],
+    stats: BackendStats,
+    next_tokens: list[list[str]] | None = None,
+) -> list[Result]:
     """Batched greedy (or sampled) decoding with a shared-prefix KV cache; finished rows cached per batch."""
 
     lab = cfg.label

@@ -132,7 +132,13 @@ class OpenAIClient:
         return Result(error=reason)
 
 
-def label_openai(cfg: NLAConfig, contexts: list[str], tokens: list[str], stats: BackendStats) -> list[Result]:
+def label_openai(
+    cfg: NLAConfig,
+    contexts: list[str],
+    tokens: list[str],
+    stats: BackendStats,
+    next_tokens: list[list[str]] | None = None,
+) -> list[Result]:
     """Each row once through the server (or the cache), at most `concurrency` requests at a time."""
     o, lab = cfg.label.openai, cfg.label
     stats.model = o.model
