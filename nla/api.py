@@ -7,8 +7,9 @@
     v_hat = nla.reconstruct(texts)                                    # (n, d)
     nla.fve(v, v_hat)                                                 # (n,) per-row FVE
 
-The subject model (for `activations`) is the base model named in the AV's sidecar, read up
-to the sidecar's layer K and never further; it loads on first use. The AV and AR load once
+Checkpoints are folders or Hub ids, in this project's format or a public one (nanoNLA, the
+paper's release: `nla.interop`). The subject model (for `activations`) is the base model named
+in the AV's sidecar, read up to the sidecar's layer K and never further; it loads on first use. The AV and AR load once
 and stay resident. The CLI's `nla explain` and `nla.explain.explain` are thin callers.
 """
 
@@ -20,10 +21,11 @@ from typing import Literal
 
 import torch
 
-from nla.ar import AR, load_ar
-from nla.av import AV, Explanation, load_av
+from nla.ar import AR
+from nla.av import AV, Explanation
 from nla.data import pad_batch
 from nla.errors import NLAError
+from nla.interop import load_any_ar, load_any_av
 from nla.metrics import mse_nrm
 from nla.models import load_model, residual_at
 from nla.sidecar import base_model_config, require
@@ -66,10 +68,22 @@ class NLA:
     _subject: tuple | None = field(default=None, init=False, repr=False)  # (model, tokenizer), loaded lazily
 
     @classmethod
-    def load(cls, av: str | Path, ar: str | Path | None = None, *, device: str = "auto") -> NLA:
-        """Load checkpoint folders; refuses (NLAError) an AR trained for another model or layer."""
-        av_model = load_av(av, device)
-        ar_model = load_ar(ar, device) if ar is not None else None
+    def load(
+        cls,
+        av: str | Path,
+        ar: str | Path | None = None,
+        *,
+        device: str = "auto",
+        injection: str | None = None,
+        dtype: str | None = None,
+    ) -> NLA:
+        """Load checkpoint folders or Hub ids; refuses (NLAError) an AR trained for another model or layer.
+
+        `injection` ('replace' | 'karvonen') overrides the AV's recorded or inferred mode; `dtype`
+        ('bfloat16', 'float32', ...) the sidecar's (auto: bf16 on a GPU, float32 on the CPU).
+        """
+        av_model = load_any_av(av, device, injection=injection, dtype=dtype)
+        ar_model = load_any_ar(ar, device, dtype=dtype) if ar is not None else None
         if ar_model is not None:
             require(
                 ar_model.meta,

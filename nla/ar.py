@@ -7,6 +7,14 @@ Untrained, it returns the subject's own residual at block K on the prompt's last
 training starts from the right space and scale. Loss: mse_nrm between unit vectors
 (``‖v̂/‖v̂‖ − v/‖v‖‖²``, `nla.metrics`), averaged over the batch.
 
+Prompt tokenization (`ar_prompt_tokenization` in the sidecar; absent means piecewise, so
+every older checkpoint loads as it was trained): this project's ARs tokenize the template
+around the explanation piecewise (template head with special tokens, explanation capped at
+`max_explanation_tokens`, template tail); the public ARs (`nla.interop`) tokenize the filled
+template as one string (``ar_add_special_tokens`` says whether the tokenizer adds BOS), which
+differs at both boundaries. They also rescale the hidden state to norm ``ar_head_input_norm``
+(√d) before the head; the direction, and so every metric, is the same either way.
+
 Padding either side gives the same result: position ids come from the attention mask and
 the read position is the last index where the mask is 1.
 
@@ -34,6 +42,7 @@ from nla.metrics import MSE_NORMALISATION, fve_denominator, mse_nrm, unit
 from nla.models import check_layer, d_model, decoder_blocks, final_norm, load_model, resolve_source
 from nla.sidecar import base_model_config, make_meta, read_sidecar, require, write_sidecar
 
+TOKENIZATIONS = ("piecewise", "one_string")  # the AR prompt conventions a sidecar can record
 HEAD_FILE = "head.safetensors"
 MEAN_UNIT_FILE = "mean_unit.safetensors"
 BACKBONE_FILE = "backbone.safetensors"  # full fine-tuning only; LoRA saves adapter_model.safetensors
@@ -55,12 +64,18 @@ def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
 
 
-def truncate_to_layer(causal_lm: nn.Module, layer: int) -> tuple[nn.Module, nn.ModuleList]:
-    """Keep blocks 0..layer, make the final norm the identity, drop the LM head: (backbone, its blocks)."""
+def truncate_to_layer(
+    causal_lm: nn.Module, layer: int, *, keep_final_norm: bool = False
+) -> tuple[nn.Module, nn.ModuleList]:
+    """Keep blocks 0..layer, make the final norm the identity, drop the LM head: (backbone, its blocks).
+
+    `keep_final_norm`: for public ARs trained before the norm was stripped (their ar_meta.json says so).
+    """
     check_layer(causal_lm, layer)
     blocks = nn.ModuleList(list(decoder_blocks(causal_lm))[: layer + 1])
     _set_module(causal_lm, _module_name(causal_lm, decoder_blocks(causal_lm)), blocks)
-    _set_module(causal_lm, _module_name(causal_lm, final_norm(causal_lm)), nn.Identity())
+    if not keep_final_norm:
+        _set_module(causal_lm, _module_name(causal_lm, final_norm(causal_lm)), nn.Identity())
     backbone = causal_lm.base_model  # e.g. LlamaModel: returns last_hidden_state, no LM head
     if backbone is causal_lm:
         raise NLAError(f"{type(causal_lm).__name__} has no separate base transformer; the AR needs one")
@@ -111,7 +126,16 @@ class AR(nn.Module):
         # Whitespace before the slot goes with the explanation, so " Final" tokenizes as in running text.
         self._before = before.rstrip()
         self._gap = before[len(self._before) :]
-        self.max_explanation_tokens = int(meta["max_explanation_tokens"])
+        cap = meta.get("max_explanation_tokens")
+        self.max_explanation_tokens = None if cap is None else int(cap)  # None: no cap (public ARs)
+        self.tokenization = meta.get("ar_prompt_tokenization", "piecewise")
+        if self.tokenization not in TOKENIZATIONS:
+            raise NLAError(
+                f"ar_prompt_tokenization={self.tokenization!r} is not one of {TOKENIZATIONS}; fix the sidecar"
+            )
+        self.add_special_tokens = bool(meta.get("ar_add_special_tokens", False))  # one_string only
+        norm = meta.get("ar_head_input_norm")
+        self.head_input_norm = None if norm is None else float(norm)
 
     @property
     def device(self) -> torch.device:
@@ -122,8 +146,14 @@ class AR(nn.Module):
         return self.meta.get("fve_denominator")
 
     def prompt_ids(self, explanation: str) -> list[int]:
-        """Template tokens around the (capped) explanation tokens; special tokens as the tokenizer adds them."""
+        """Template tokens around the (capped) explanation tokens; special tokens as the tokenizer adds them.
+
+        one_string: the filled template as one string, as the public ARs were trained.
+        """
         tok = self.tokenizer
+        if self.tokenization == "one_string":
+            text = self.meta["prompts"]["ar_template"].replace("{explanation}", explanation)
+            return tok(text, add_special_tokens=self.add_special_tokens)["input_ids"]
         before = tok(self._before, add_special_tokens=True)["input_ids"]
         middle = tok(self._gap + explanation, add_special_tokens=False)["input_ids"][: self.max_explanation_tokens]
         after = tok(self._after, add_special_tokens=False)["input_ids"]
@@ -146,7 +176,10 @@ class AR(nn.Module):
         )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self.head(hidden[rows, last_token_index(attention_mask)].float()).float()  # float32 under autocast too
+        last = hidden[rows, last_token_index(attention_mask)].float()  # (N, d)
+        if self.head_input_norm is not None:  # the public ARs' rescaling (norm in float32, as theirs)
+            last = last / (last.norm(dim=-1, keepdim=True).clamp_min(1e-12) / self.head_input_norm)
+        return self.head(last).float()  # float32 under autocast too
 
     @torch.no_grad()
     def reconstruct(self, explanations: list[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
@@ -249,6 +282,7 @@ def ar_meta(cfg: NLAConfig, source, model: nn.Module, stage: str = "ar_sft", **f
         prompts=cfg.prompts.model_dump(),
         max_explanation_tokens=cfg.ar_sft.max_explanation_tokens,
         mse_normalisation=MSE_NORMALISATION,
+        ar_prompt_tokenization="piecewise",
         finetune="lora" if lora.enabled else "full",
         lora=lora.model_dump() if lora.enabled else None,
         head_file=HEAD_FILE,
@@ -278,17 +312,22 @@ def new_ar(cfg: NLAConfig, loaded=None) -> AR:
     return ar.to(next(backbone.parameters()).device)
 
 
-def load_ar(checkpoint_dir: str | Path, device: str = "auto") -> AR:
+def load_ar(checkpoint_dir: str | Path, device: str = "auto", *, meta: dict[str, Any] | None = None) -> AR:
     """Load a saved AR; refuse (NLAError) when the sidecar disagrees with the live model or tokenizer.
 
     The files and the base model's fingerprint are checked before the (slow) base model load.
+    `meta`: a sidecar to use instead of the folder's own (e.g. with another dtype, `nla.interop`).
     """
     from safetensors.torch import load_file
 
     folder = Path(checkpoint_dir)
     where = str(folder)
-    meta = read_sidecar(folder)
+    meta = read_sidecar(folder) if meta is None else meta
     require(meta, where=where, role="ar")
+    if meta.get("ar_layout", "nla") != "nla":
+        raise NLAError(
+            f"{folder} holds a public ({meta['ar_layout']}) AR; load it with nla.interop.load_any_ar or NLA.load"
+        )
     weights = "adapter_model.safetensors" if meta.get("finetune") == "lora" else BACKBONE_FILE
     missing = [name for name in (weights, HEAD_FILE) if not (folder / name).is_file()]
     if missing:

@@ -7,6 +7,11 @@ writes the explanation directly and closes it with `prompts.av_answer_close`:
     <chat user turn: "... <concept>{marker}</concept> ...">  <explanation>  EXPLANATION </explanation> <eos>
     '----------------------- prompt (no loss) -------------------------'  '------ completion (loss) ------'
 
+Public AVs (nanoNLA, the paper's release; `nla.interop`) are not prefilled: they write
+``<explanation>\n EXPLANATION \n</explanation>`` themselves. The sidecar's ``av_prefill: false``
+says so; the prompt then ends at the generation prompt, the SFT target carries both tags, and
+the explanation is read between the tags as written. Sidecars without the key are prefilled.
+
 Every row's prompt is the same token sequence, so batches need no padding on the prompt
 side and completions all start at the same index. The activation vector of each row is
 written at the marker by `nla.injection.ActivationInjector`, bound around each forward: in
@@ -49,22 +54,40 @@ WEIGHT_FILES = {  # the sidecar's `weights` -> the files, one of which must be t
 # ----------------------------------------------------------------------------- prompt and marker
 
 
-def av_prompt(tokenizer, prompts: PromptConfig, marker_char: str) -> str:
-    """The full AV prompt text (chat template applied, answer opener prefilled)."""
+def av_prompt(
+    tokenizer, prompts: PromptConfig, marker_char: str, *, prefill: bool = True, template_kwargs: dict | None = None
+) -> str:
+    """The full AV prompt text: the chat template applied (with `template_kwargs`, e.g. a sidecar's
+    ``chat_template_kwargs``, and nothing else), then the answer opener when `prefill`."""
     messages = [{"role": "user", "content": prompts.av_user.format(marker=marker_char)}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text + prompts.av_answer_open
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+    )
+    return text + (prompts.av_answer_open if prefill else "")
 
 
-def av_prompt_ids(tokenizer, prompts: PromptConfig, marker_char: str) -> list[int]:
-    """Token ids of the AV prompt: the template already holds any BOS, so no special tokens are added."""
-    return tokenizer(av_prompt(tokenizer, prompts, marker_char), add_special_tokens=False)["input_ids"]
+def av_prompt_ids(tokenizer, prompts: PromptConfig, marker_char: str, **style) -> list[int]:
+    """Token ids of the AV prompt (`style`: `av_prompt`'s keywords); the template already holds any BOS,
+    so no special tokens are added."""
+    return tokenizer(av_prompt(tokenizer, prompts, marker_char, **style), add_special_tokens=False)["input_ids"]
 
 
-def av_marker(tokenizer, prompts: PromptConfig, injection: InjectionConfig) -> Marker:
+def prompt_style(meta: dict) -> dict:
+    """`av_prompt`'s keywords as an AV sidecar records them (absent keys: this project's prefilled prompt)."""
+    return {"prefill": bool(meta.get("av_prefill", True)), "template_kwargs": meta.get("chat_template_kwargs") or {}}
+
+
+def av_marker(tokenizer, prompts: PromptConfig, injection: InjectionConfig, **style) -> Marker:
     """Choose the marker for this tokenizer and anchor it in the canonical AV prompt."""
     char = choose_marker_char(tokenizer, injection.marker_ranges, injection.marker_char)
-    return anchor_marker(tokenizer, char, av_prompt_ids(tokenizer, prompts, char))
+    return anchor_marker(tokenizer, char, av_prompt_ids(tokenizer, prompts, char, **style))
+
+
+def stop_ids(model, tokenizer) -> set[int]:
+    """Every end-of-sequence id: the tokenizer's and each of the generation config's (Qwen3 lists two)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list | tuple) else [configured]
+    return {int(i) for i in [tokenizer.eos_token_id, *configured] if i is not None}
 
 
 def attach_injector(
@@ -76,17 +99,29 @@ def attach_injector(
     )
 
 
-def completion_ids(tokenizer, prompts: PromptConfig, explanation: str) -> list[int]:
-    """The SFT target: explanation, closing tag, end of sequence."""
-    ids = tokenizer(explanation.strip() + prompts.av_answer_close, add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id]
+def completion_ids(tokenizer, prompts: PromptConfig, explanation: str, *, prefill: bool = True) -> list[int]:
+    """The SFT target: explanation, closing tag, end of sequence (not prefilled: the opener and newlines too)."""
+    text = explanation.strip() + prompts.av_answer_close
+    if not prefill:
+        text = f"{prompts.av_answer_open}\n{explanation.strip()}\n{prompts.av_answer_close}"
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def parse_completion(text: str, prompts: PromptConfig) -> tuple[str, bool]:
-    """(clean explanation, closed): the text before the closing tag, tags stripped, whitespace collapsed."""
-    head, sep, _ = text.partition(prompts.av_answer_close)
-    head = head.replace(prompts.av_answer_open, " ")
-    return " ".join(head.split()), bool(sep)
+def parse_completion(text: str, prompts: PromptConfig, *, prefill: bool = True) -> tuple[str, bool]:
+    """(clean explanation, closed).
+
+    Prefilled: the text before the closing tag, tags stripped, whitespace collapsed. Not
+    prefilled (public AVs): the text between the first opener and the closing tag after it,
+    stripped but otherwise as written, as the reference clients read it (their ARs were trained
+    on it); without both tags, the whole text stripped and `closed` False.
+    """
+    if prefill:
+        head, sep, _ = text.partition(prompts.av_answer_close)
+        head = head.replace(prompts.av_answer_open, " ")
+        return " ".join(head.split()), bool(sep)
+    _, opened, rest = text.partition(prompts.av_answer_open)
+    body, closed, _ = rest.partition(prompts.av_answer_close)
+    return (body.strip(), True) if opened and closed else (text.strip(), False)
 
 
 # ----------------------------------------------------------------------------- injection scale
@@ -126,8 +161,9 @@ def injection_scale(
 @dataclass(frozen=True)
 class Explanation:
     text: str  # parsed and cleaned, without tags
-    token_ids: tuple[int, ...]  # the completion as generated, up to and including EOS
+    token_ids: tuple[int, ...]  # the completion as generated, up to and including the first EOS
     closed: bool  # the closing tag came before the token cap
+    raw: str = ""  # the decoded completion the text was parsed from (special tokens skipped)
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
@@ -151,7 +187,11 @@ class AV:
 
     @property
     def prompt_ids(self) -> list[int]:
-        return av_prompt_ids(self.tokenizer, self.prompts, self.marker.char)
+        return av_prompt_ids(self.tokenizer, self.prompts, self.marker.char, **prompt_style(self.meta))
+
+    @property
+    def prefill(self) -> bool:
+        return prompt_style(self.meta)["prefill"]
 
     @property
     def device(self) -> torch.device:
@@ -173,11 +213,12 @@ class AV:
 
         Decoding runs through `nla.sampling.Decoder` (static KV cache; CUDA graphs on GPU), which
         gives the same tokens as `model.generate` under greedy decoding. The vectors are bound for
-        the prefill only: decode steps carry no marker site.
+        the prefill only: decode steps carry no marker site. A row stops at any end-of-sequence
+        id of the tokenizer or the generation config (`stop_ids`).
         """
         vectors = self._check(vectors)
         prompt = torch.tensor(self.prompt_ids, device=self.device)
-        eos = self.tokenizer.eos_token_id
+        stops = stop_ids(self.model, self.tokenizer)
         injector, decoder = self._decoding()
         out: list[Explanation] = []
         starts = range(0, len(vectors), batch_size)
@@ -187,13 +228,15 @@ class AV:
             ids = prompt.expand(len(batch), -1)
             with injector.bound(batch):
                 new = decoder.sample(
-                    ids, torch.ones_like(ids), max_new_tokens, temperature, {eos}, pad_id=self.tokenizer.pad_token_id
+                    ids, torch.ones_like(ids), max_new_tokens, temperature, stops, pad_id=self.tokenizer.pad_token_id
                 )
             seqs = torch.cat([ids, new], dim=1)
             for row in seqs[:, len(prompt) :].tolist():
-                row = row[: row.index(eos) + 1] if eos in row else row
-                text, closed = parse_completion(self.tokenizer.decode(row, skip_special_tokens=True), self.prompts)
-                out.append(Explanation(text, tuple(row), closed))
+                end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+                row = row[:end]
+                raw = self.tokenizer.decode(row, skip_special_tokens=True)
+                text, closed = parse_completion(raw, self.prompts, prefill=self.prefill)
+                out.append(Explanation(text, tuple(row), closed, raw))
         return out
 
     def _decoding(self) -> tuple[ActivationInjector, Decoder]:
@@ -239,7 +282,8 @@ class AV:
         total, count = 0.0, 0.0
         for start in range(0, len(vectors), batch_size):
             targets = [
-                completion_ids(self.tokenizer, self.prompts, e) for e in explanations[start : start + batch_size]
+                completion_ids(self.tokenizer, self.prompts, e, prefill=self.prefill)
+                for e in explanations[start : start + batch_size]
             ]
             with torch.no_grad():
                 logp, mask = self.completion_log_probs(vectors[start : start + batch_size], targets)
@@ -273,7 +317,12 @@ class AV:
 
 
 def load_av(
-    checkpoint_dir: str | Path, device: str = "auto", *, layer: int | None = None, trainable: bool = False
+    checkpoint_dir: str | Path,
+    device: str = "auto",
+    *,
+    layer: int | None = None,
+    trainable: bool = False,
+    meta: dict | None = None,
 ) -> AV:
     """Load an AV checkpoint and refuse when its sidecar disagrees with the live model/tokenizer.
 
@@ -281,11 +330,12 @@ def load_av(
     `trainable`: LoRA adapters load with gradients on (RL); otherwise they are merged into the
     base weights (a plain transformers model). Full weights are always trainable and need no
     base model, so only an adapter's base is resolved and its fingerprint checked, before any
-    weights load.
+    weights load. `meta`: a sidecar to use instead of the folder's own, e.g. one translated from a
+    public format by `nla.interop` (the folder's files are the same layout).
     """
     ckpt = Path(checkpoint_dir)
     where = str(ckpt)
-    meta = read_sidecar(ckpt)
+    meta = read_sidecar(ckpt) if meta is None else meta
     require(meta, where=where, role="av", layer=layer)
     weights = meta.get("weights")
     if weights not in WEIGHT_FILES:
@@ -336,7 +386,7 @@ def _with_injector(model: torch.nn.Module, tokenizer, meta: dict, where: str) ->
         karvonen_block=inj["karvonen_block"],
         marker_char=meta["marker"]["char"],
     )
-    marker = av_marker(tokenizer, prompts, injection)
+    marker = av_marker(tokenizer, prompts, injection, **prompt_style(meta))
     require(meta, where=where, marker=marker.to_dict())
     injector = attach_injector(model, marker, injection)
     return AV(model, tokenizer, injector, marker, meta, prompts)

@@ -1,4 +1,4 @@
-"""`nla`: one sub-command per pipeline stage, plus `explain` for inference.
+"""`nla`: one sub-command per pipeline stage, plus `explain` for inference and `convert` for checkpoints.
 
 Thin caller: parse arguments, load the typed config, call the stage function in `nla.*`.
 Every user-facing failure is an `NLAError`, printed as one line with a non-zero exit.
@@ -156,7 +156,7 @@ def _stage_publish(cfg: NLAConfig, args) -> None:
     from nla.publish import run_publish
 
     av, ar = default_checkpoints()
-    summary = run_publish(cfg, {"av": av, "ar": ar}, Path(P.metrics) / "eval.json", P.publish)
+    summary = run_publish(cfg, {"av": av, "ar": ar}, Path(P.metrics) / "eval.json", P.publish, layout=args.layout)
     print(f"publish ({summary['upload']}): " + ", ".join(summary["models"]) + f" -> {P.publish}")
 
 
@@ -179,22 +179,35 @@ STAGES: dict[str, tuple[Callable[[NLAConfig, argparse.Namespace], None], str]] =
 }
 
 
-def _explain(args) -> None:
-    from nla.explain import explain, explain_vectors, format_records
+SAMPLE_TEMPERATURE, SAMPLE_NEW_TOKENS, GREEDY_NEW_TOKENS = 1.0, 200, 48  # --sample: the reference clients'
 
-    positions = "all" if args.all else (args.position or None)
-    common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    if args.vectors:
-        records = explain_vectors(args.vectors, args.av, args.ar, **common)
-    elif args.text:
-        records = explain(args.text, positions, args.av, args.ar, **common)
-    else:
+
+def _explain(args) -> None:
+    from nla.explain import explain, explain_vectors, format_records, load_nla
+    from nla.interop import describe
+
+    if not args.vectors and not args.text:
         raise NLAError("nothing to explain; pass a text or --vectors FILE")
+    positions = "all" if args.all else (args.position or None)
+    temperature = args.temperature if args.temperature is not None else SAMPLE_TEMPERATURE if args.sample else 0.0
+    new_tokens = args.max_new_tokens or (SAMPLE_NEW_TOKENS if args.sample else GREEDY_NEW_TOKENS)
+    nla = load_nla(args.av, args.ar, injection=args.injection, dtype=args.dtype)
+    loaded = f"AV: {describe(nla.av.meta)}" + (f"; AR: {describe(nla.ar.meta)}" if nla.ar is not None else "")
+    print(f"nla explain: {loaded}", file=sys.stderr)
+    common = dict(max_new_tokens=new_tokens, temperature=temperature, nla=nla)
+    records = explain_vectors(args.vectors, **common) if args.vectors else explain(args.text, positions, **common)
     if args.json:
         for record in records:
             print(json.dumps(record.to_dict()))
     else:
         print(format_records(records))
+
+
+def _convert(args) -> None:
+    from nla.interop import convert, describe
+
+    meta = convert(args.src, args.dst, to=args.to, injection=args.injection)
+    print(f"convert: {args.src} -> {args.dst} ({args.to} layout): {describe(meta)}")
 
 
 def _profile(args) -> None:
@@ -222,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
         stage = sub.add_parser(name, help=help_text, description=help_text)
         if name == "sweep-alpha":
             stage.add_argument("--apply", action="store_true", help="write the chosen alpha to injection.scale")
+        if name == "publish":
+            stage.add_argument(
+                "--format",
+                dest="layout",
+                choices=("nla", "kitft"),
+                default="nla",
+                help="folder layout: this project's (default) or the paper's released one (kitft)",
+            )
     ex = sub.add_parser(
         "explain",
         help="explain activations of a text (or saved vectors) with a trained AV",
@@ -231,11 +252,36 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--position", type=int, action="append", help="token index (negative from the end); repeatable")
     ex.add_argument("--all", action="store_true", help="explain every token")
     ex.add_argument("--vectors", help="a .pt/.npy/.safetensors file of vectors instead of text")
-    ex.add_argument("--av", "--model", dest="av", help="AV checkpoint folder (default: RL if present, else SFT)")
-    ex.add_argument("--ar", help="AR checkpoint folder, for the round-trip FVE")
-    ex.add_argument("--max-new-tokens", type=int, default=48)
-    ex.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    ex.add_argument("--json", action="store_true", help="one JSON record per line")
+    ex.add_argument(
+        "--av",
+        "--model",
+        dest="av",
+        help="AV checkpoint folder or Hub id, this project's or a public format (default: RL if present, else SFT)",
+    )
+    ex.add_argument("--ar", help="AR checkpoint folder or Hub id, for the round trip (FVE, or cos for public ARs)")
+    ex.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"default {GREEDY_NEW_TOKENS}; with --sample {SAMPLE_NEW_TOKENS}",
+    )
+    ex.add_argument("--temperature", type=float, default=None, help="0: greedy (the default without --sample)")
+    ex.add_argument(
+        "--sample", action="store_true", help=f"sample as the reference clients do: temperature {SAMPLE_TEMPERATURE:g}"
+    )
+    ex.add_argument("--injection", choices=("replace", "karvonen"), help="override the AV's injection mode")
+    ex.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="override the sidecar's dtype")
+    ex.add_argument("--json", action="store_true", help="one JSON record per line (with token_ids and raw)")
+    cv = sub.add_parser(
+        "convert",
+        help="write a checkpoint (folder or Hub id, any NLA format) in this project's or the released layout",
+        description="Convert an NLA checkpoint: a public one (nanoNLA, the paper's release) into this project's "
+        "format, or this project's into the released (kitft) layout. Round trips are lossless.",
+    )
+    cv.add_argument("src", help="checkpoint folder or Hub id")
+    cv.add_argument("dst", help="output folder (written atomically)")
+    cv.add_argument("--to", choices=("nla", "kitft"), default="nla", help="target layout (default: nla)")
+    cv.add_argument("--injection", choices=("replace", "karvonen"), help="override the AV's injection mode")
     pr = sub.add_parser(
         "profile",
         help="list params profiles, or merge one into params.yaml",
@@ -252,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             _explain(args)
         elif args.command == "profile":
             _profile(args)
+        elif args.command == "convert":
+            _convert(args)
         else:
             cfg = load_config(args.params, args.profile)
             with workspace_lock(Path(args.params).resolve().parent, f"nla {args.command}"):

@@ -3,7 +3,9 @@
 A thin caller of `nla.api.NLA`: the subject model named in the AV's sidecar is read up to its
 layer K (never a hard-coded layer), the AV writes one greedy explanation per vector, and, when
 an AR is given, each vector is reconstructed from its explanation and scored per row against
-the AR's training reference (1 − mse_nrm / mean ‖u − ū‖² of its training rows).
+the AR's training reference (1 − mse_nrm / mean ‖u − ū‖² of its training rows). Public ARs
+ship no training reference, so their rows carry the cosine only. Each record keeps the
+generated token ids and the decoded text they were parsed from.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ class ExplainRecord:
     token: str | None
     explanation: str
     closed: bool  # the AV closed its answer before the token cap
-    fve: float | None  # round-trip FVE of this vector (needs an AR)
+    fve: float | None  # round-trip FVE of this vector (needs an AR with its training reference)
     cos: float | None  # cosine of the AR's reconstruction with the vector (needs an AR)
+    token_ids: list[int] | None = None  # the AV's completion as generated, up to its first EOS
+    raw: str | None = None  # that completion decoded, before the explanation was parsed out
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +59,18 @@ def _pick(av_dir, ar_dir) -> tuple[Path, Path | None]:
     return default_av, Path(ar_dir) if ar_dir is not None else default_ar
 
 
+def load_nla(
+    av_dir: str | Path | None = None,
+    ar_dir: str | Path | None = None,
+    *,
+    device: str = "auto",
+    injection: str | None = None,
+    dtype: str | None = None,
+) -> NLA:
+    """The NLA `explain` uses: the named checkpoints (folders or Hub ids, any format) or the default pair."""
+    return NLA.load(*_pick(av_dir, ar_dir), device=device, injection=injection, dtype=dtype)
+
+
 def to_records(
     nla: NLA,
     vectors: torch.Tensor,
@@ -70,10 +86,9 @@ def to_records(
     )
     fve = cos = [None] * len(explanations)
     if nla.ar is not None:
-        if nla.ar.fve_denominator is None:
-            raise NLAError("the AR lacks the FVE reference (fve_denominator); retrain it with `nla ar-sft`")
         v_hat = nla.reconstruct([e.text for e in explanations], batch_size=batch_size)
-        fve = nla.fve(vectors, v_hat).tolist()
+        if nla.ar.fve_denominator is not None:  # public ARs ship no training reference
+            fve = nla.fve(vectors, v_hat).tolist()
         cos = cosine(v_hat, vectors).tolist()
     return [
         ExplainRecord(
@@ -84,6 +99,8 @@ def to_records(
             e.closed,
             f,
             c,
+            list(e.token_ids),
+            e.raw,
         )
         for site, e, f, c in zip(sites, explanations, fve, cos, strict=True)
     ]
@@ -100,13 +117,15 @@ def explain(
     temperature: float = 0.0,
     device: str = "auto",
     max_tokens: int = 512,
+    nla: NLA | None = None,
 ) -> list[ExplainRecord]:
     """Explain the activations of `texts` at `positions` (None: last token, 'all': every token, or a list
-    of indices applied to every text; negative from the end). Greedy by default; FVE when an AR is given."""
+    of indices applied to every text; negative from the end). Greedy by default; FVE when an AR is given.
+    `nla`: an already loaded NLA (`load_nla`), used instead of `av_dir`/`ar_dir`."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise NLAError("no text to explain; pass at least one string")
-    nla = NLA.load(*_pick(av_dir, ar_dir), device=device)
+    nla = nla or load_nla(av_dir, ar_dir, device=device)
     vectors, sites = nla.read(texts, positions, max_tokens=max_tokens, batch_size=batch_size)
     return to_records(
         nla, vectors, sites, batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature
@@ -151,10 +170,11 @@ def explain_vectors(
     batch_size: int = 16,
     temperature: float = 0.0,
     device: str = "auto",
+    nla: NLA | None = None,
 ) -> list[ExplainRecord]:
-    """Explain saved activation vectors (they must come from the AV's model and layer K)."""
+    """Explain saved activation vectors (they must come from the AV's model and layer K); `nla` as in `explain`."""
     vectors = load_vectors(vector_file, key)
-    nla = NLA.load(*_pick(av_dir, ar_dir), device=device)
+    nla = nla or load_nla(av_dir, ar_dir, device=device)
     return to_records(
         nla,
         vectors,
@@ -170,7 +190,7 @@ def format_records(records: list[ExplainRecord]) -> str:
     lines = []
     for i, r in enumerate(records):
         where = f"[{r.position}] {r.token!r}" if r.position is not None else f"vector {i}"
-        score = f"  FVE {r.fve:+.3f}" if r.fve is not None else ""
+        score = f"  FVE {r.fve:+.3f}" if r.fve is not None else f"  cos {r.cos:+.3f}" if r.cos is not None else ""
         cap = "" if r.closed else "  (hit the token cap)"
         lines.append(f"{where}{score}{cap}\n  {r.explanation}")
     return "\n".join(lines)

@@ -7,7 +7,11 @@ into full weights when `publish.merge_weights` (a plain transformers model: `loa
 no base model for it), else it ships as adapter + base reference. The AR always ships as
 adapter (or backbone) + head + ū + base reference: it is a truncated copy of the base model
 whose loader rebuilds the architecture from the base anyway, so merging would only inflate
-the upload. Every folder loads back with `load_av` / `load_ar`.
+the upload. Every folder loads back with `load_av` / `load_ar`. With ``layout="kitft"`` (`nla
+publish --format kitft`) the folders are written in the paper's released layout instead
+(`nla.interop.write_kitft`: full AV weights, a truncated AR model and ``value_head.safetensors``,
+a public model sidecar that embeds ours), so the reference clients can load them too; `NLA.load`
+reads either.
 
 Dry run by default. Uploading needs `publish.enabled: true` and a token in the environment
 variable named by `publish.token_env`; the token is read there, passed to `HfApi`, and never
@@ -26,6 +30,7 @@ from typing import Any
 from nla.av import load_av
 from nla.config import NLAConfig
 from nla.errors import NLAError
+from nla.interop import read_meta, write_kitft
 from nla.io import atomic_dir, atomic_write_text, write_json
 from nla.sidecar import SIDECAR_NAME, read_sidecar, write_sidecar
 
@@ -145,9 +150,9 @@ print(nla.verbalize(v)[0])
 From the command line: `nla explain --model <downloaded folder> ...` (see `nla explain --help`).'''
     return f'''```python
 from huggingface_hub import snapshot_download
-from nla.ar import load_ar
+from nla.interop import load_any_ar
 
-ar = load_ar(snapshot_download("{repo_id}"))
+ar = load_any_ar(snapshot_download("{repo_id}"))  # this project's layout or the released one
 v_hat = ar.reconstruct(["A news report about a cricket match; the next word is likely a player's name."])
 print(v_hat.shape)  # (1, {d}): the reconstructed output of block {layer} of {base}
 ```'''
@@ -266,13 +271,14 @@ def upload_folders(cfg: NLAConfig, folders: dict[str, Path]) -> dict[str, str]:
     api = HfApi(token=token)
     urls = {}
     for role, folder in folders.items():
-        repo_id = f"{cfg.publish.namespace}/{repo_name(cfg, read_sidecar(folder), role)}"
+        meta = read_meta(folder)  # this project's sidecar, also when the folder is in the released layout
+        repo_id = f"{cfg.publish.namespace}/{repo_name(cfg, meta, role)}"
         api.create_repo(repo_id, repo_type="model", private=cfg.publish.private, exist_ok=True)
         info = api.upload_folder(
             repo_id=repo_id,
             repo_type="model",
             folder_path=str(folder),
-            commit_message=f"nla publish: {role} layer {read_sidecar(folder)['layer']}",
+            commit_message=f"nla publish: {role} layer {meta['layer']}",
         )
         urls[role] = str(getattr(info, "commit_url", info))
     return urls
@@ -291,25 +297,38 @@ def assert_no_secret(folder: Path, secret: str | None) -> None:
 # ----------------------------------------------------------------------------- the stage
 
 
-def run_publish(cfg: NLAConfig, checkpoints: dict[str, Path], metrics_path: str | Path, out_dir: str | Path) -> dict:
+def run_publish(
+    cfg: NLAConfig, checkpoints: dict[str, Path], metrics_path: str | Path, out_dir: str | Path, layout: str = "nla"
+) -> dict:
     """Build a Hub-ready folder per model under `out_dir` (atomically); upload when `publish.enabled`.
 
     checkpoints: {"av": AV checkpoint folder, "ar": AR checkpoint folder} (typically the RL ones).
+    layout: "nla" (this project's folders) or "kitft" (the released layout, see the module docstring).
     """
+    if layout not in ("nla", "kitft"):
+        raise NLAError(f"unknown publish layout {layout!r}; use nla or kitft")
     unknown = set(checkpoints) - set(ROLES)
     if unknown:
         raise NLAError(f"unknown model roles {sorted(unknown)}; publish takes {list(ROLES)}")
     metrics_path = Path(metrics_path)
     metrics = eval_metrics(json.loads(metrics_path.read_text(encoding="utf-8"))) if metrics_path.is_file() else {}
     namespace = cfg.publish.namespace or "<your-hub-user>"  # dry run without a namespace: a placeholder
-    summary: dict[str, Any] = {"upload": "enabled" if cfg.publish.enabled else "dry run", "models": {}}
+    summary: dict[str, Any] = {
+        "upload": "enabled" if cfg.publish.enabled else "dry run",
+        "layout": layout,
+        "models": {},
+    }
     with atomic_dir(out_dir) as tmp:
         for role, checkpoint in checkpoints.items():
             checkpoint = Path(checkpoint)
             dest = tmp / role
+            ours = dest if layout == "nla" else tmp / f".{role}.nla"
             meta = (
-                export_av(checkpoint, dest, cfg.publish.merge_weights) if role == "av" else export_ar(checkpoint, dest)
+                export_av(checkpoint, ours, cfg.publish.merge_weights) if role == "av" else export_ar(checkpoint, ours)
             )
+            if layout == "kitft":
+                meta = write_kitft(ours, read_sidecar(ours), dest)
+                shutil.rmtree(ours)
             repo_id = f"{namespace}/{repo_name(cfg, meta, role)}"
             model_card(role, meta, repo_id, metrics).save(dest / CARD_NAME)
             check_card(dest / CARD_NAME, role, metrics)
