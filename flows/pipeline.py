@@ -36,7 +36,8 @@ from nla.lock import workspace_lock
 GATE_PREFIX = "validate_"  # stages named validate_* are data-quality gates
 RETRIES = {"label": 3}  # stage -> retries (the labeler may call a remote server)
 RETRY_DELAY_S = [10, 60, 300]
-KEY_METRICS = ("fve_roundtrip_rl", "fve_roundtrip_sft")  # first one present decides "improved"
+# The first one present decides "improved": the round trip on text no stage trained on comes first.
+KEY_METRICS = ("fve_roundtrip_rl_foreign", "fve_roundtrip_sft_foreign", "fve_roundtrip_rl", "fve_roundtrip_sft")
 METRICS_FILE = f"{PATHS.metrics}/eval.json"
 SAMPLES_FILE = f"{PATHS.reports}/samples.md"
 PUBLISHED_METRICS_FILE = f"{PATHS.reports}/published_metrics.json"  # metrics of the last upload (commit it)

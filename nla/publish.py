@@ -198,6 +198,14 @@ def model_card(role: str, meta: dict[str, Any], repo_id: str, metrics: dict[str,
         },
     )
     table = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items()) or "| (no metrics file) | |"
+    foreign = next(
+        (metrics[k] for k in ("fve_roundtrip_rl_foreign", "fve_roundtrip_sft_foreign") if k in metrics), None
+    )
+    headline = (
+        f"**Round-trip FVE on foreign text (a corpus no stage trained on): {foreign:+.3f}.**"
+        if foreign is not None
+        else "No foreign-text evaluation was run (set `corpus.foreign`)."
+    )
     injection_text = (
         f"`{injection.get('mode')}`" + (f", scale {injection['scale']:.4g}" if injection.get("scale") else "")
         if role == "av"
@@ -211,11 +219,13 @@ The {ROLE_TEXT[role]}, one half of a Natural Language Autoencoder (NLA) for the 
 Round trip: activation → AV → explanation → AR → activation; quality is the fraction of variance
 explained (FVE) of the unit vectors on held-out rows.
 
+{headline}
+
 - stage: `{meta.get("stage")}`, weights: `{meta.get("weights", meta.get("finetune"))}`
 - injection: {injection_text}
 - prompts and marker: verbatim in `nla_meta.yaml`, which `load_av` / `load_ar` check against the live tokenizer
 
-## Evaluation (held-out rows)
+## Evaluation (held-out rows; `_foreign`: the foreign corpus)
 
 | metric | value |
 |---|---:|
