@@ -210,7 +210,8 @@ def _convert(args) -> None:
     print(f"convert: {args.src} -> {args.dst} ({args.to} layout): {describe(meta)}")
 
 
-PATH_FLAGS = ("av", "ar", "av2", "ar2", "activations", "splits", "labels", "corpus", "cache_dir")
+CHECKPOINT_FLAGS = ("av", "ar", "av2", "ar2")  # folders or Hub ids
+PATH_FLAGS = ("activations", "splits", "labels", "corpus", "cache_dir")
 # `nla serve` limits; the defaults are ExplorerConfig's (a test keeps them equal; nla.explorer imports torch).
 SERVE_NUMBERS = (
     ("--batch-size", 32, "positions per AV batch"),
@@ -233,9 +234,19 @@ def _serve(args) -> None:
         raise NLAError(f"nla serve needs {err.name}; install it with pip install 'nla[serve]'") from None
     from nla.explorer import ExplorerConfig
 
-    paths = {k: Path(v) for k, v in vars(args).items() if k in PATH_FLAGS and v is not None}
-    numbers = {k: v for k, v in vars(args).items() if k in NUMBER_FLAGS}
-    cfg = ExplorerConfig(**paths, **numbers, device=args.device, rows=tuple(Path(p) for p in args.rows or ()))
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    checkpoints = {k: v for k, v in given.items() if k in CHECKPOINT_FLAGS}
+    paths = {k: Path(v) for k, v in given.items() if k in PATH_FLAGS}
+    numbers = {k: v for k, v in given.items() if k in NUMBER_FLAGS}
+    cfg = ExplorerConfig(
+        **checkpoints,
+        **paths,
+        **numbers,
+        device=args.device,
+        injection=args.injection,
+        dtype=args.dtype,
+        rows=tuple(Path(p) for p in args.rows or ()),
+    )
     try:
         serve(cfg, host=args.host, port=args.port, allow_remote=args.allow_remote)
     except KeyboardInterrupt:  # uvicorn shuts down cleanly on Ctrl-C, then re-raises it
@@ -319,10 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a local explorer in the browser: explanations token by token, eval rows, search",
         description="Serve the explorer (docs/serve.md): models load once, requests are queued and batched.",
     )
-    sv.add_argument("--av", help="AV checkpoint (default: RL if present, else SFT)")
-    sv.add_argument("--ar", help="AR checkpoint, for the round-trip FVE")
+    sv.add_argument("--av", help="AV checkpoint folder or Hub id, any format (default: RL if present, else SFT)")
+    sv.add_argument("--ar", help="AR checkpoint, for the round-trip FVE (cos only for public ARs)")
     sv.add_argument("--av2", help="a second AV, shown side by side")
     sv.add_argument("--ar2", help="the second AV's AR")
+    sv.add_argument("--injection", choices=("replace", "karvonen"), help="override the AVs' injection mode")
+    sv.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="override the sidecars' dtype")
     sv.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     sv.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     sv.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host (no authentication!)")

@@ -47,7 +47,7 @@ from nla.label.parse import FEATURE_SEP, parse_response
 from nla.label.prompt import context_of
 from nla.metrics import bootstrap_fve, derangement, mse_nrm, unit
 from nla.models import autocast, release_memory, resolve_autocast, resolve_device, resolve_dtype
-from nla.sidecar import read_sidecar
+from nla.sidecar import read_sidecar, require
 
 REQUIRED_CHECKPOINTS = ("av_sft", "ar_sft")
 SETS = {"": "eval", "_foreign": FOREIGN}  # metric-key suffix -> split
@@ -92,12 +92,14 @@ def _checkpoint(checkpoints: dict[str, str | Path | None], key: str) -> Path | N
 
 
 def _check_pair(meta: dict, data_meta: dict, where: Path) -> None:
-    for key in ("layer", "d_model", "base_model_fingerprint"):
-        if data_meta.get(key) is not None and meta.get(key) != data_meta.get(key):
-            raise NLAError(
-                f"{where}: {key}={meta.get(key)!r} but the activations have {data_meta.get(key)!r}; "
-                "evaluate checkpoints trained on these activations"
-            )
+    """The checkpoint was trained on activations like these (same base model, width and layer)."""
+    require(
+        meta,
+        where=str(where),
+        fingerprint=data_meta.get("base_model_fingerprint"),
+        d_model=data_meta.get("d_model"),
+        layer=data_meta.get("layer"),
+    )
 
 
 def length_stats(token_counts: list[int], prefix: str, closed: list[bool] | None = None) -> dict[str, float]:

@@ -36,7 +36,8 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from nla.errors import NLAError
-from nla.explorer import Explorer, ExplorerConfig, RequestError
+from nla.explorer import Explorer, ExplorerConfig
+from nla.explorer_engine import RequestError
 
 STATIC = Path(__file__).with_name("static")
 LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1", "[::1]"]

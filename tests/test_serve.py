@@ -1,5 +1,8 @@
 """`nla serve` end to end: the real CLI process and HTTP server on the embedded model's tiny AV/AR
-(one pair loaded twice, as a and b), and Debian's chromium driven headless through Selenium."""
+(one pair loaded twice, as a and b), and Debian's chromium driven headless through Selenium.
+
+The eval view reads the project's tables: a copy of the split table moves one held-out document
+to the `foreign` split (the tiny run has no foreign corpus), and an `--rows` file adds a third set."""
 
 from __future__ import annotations
 
@@ -21,6 +24,12 @@ import pytest
 from embedded_pipeline import shared_run
 
 from nla.cli import NUMBER_FLAGS, build_parser, main
+from nla.data import FOREIGN, SPLITS_FILE, load_rows
+from nla.explain import explain
+from nla.explorer import ExplorerConfig
+from nla.io import read_table, write_table
+from nla.serve import is_loopback
+from nla.sidecar import sidecar_path
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 8  # explanation tokens: enough to tell explanations apart, cheap on the CPU
@@ -39,18 +48,22 @@ def embedded_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(embedded_run, tmp_path_factory):
     """`nla serve --port 0` as a subprocess; yields its URL once it printed 'ready'."""
-    from nla.extract import load_rows
-    from nla.io import write_table
-
+    run = embedded_run
     tmp = tmp_path_factory.mktemp("serve")
     (tmp / "corpus.txt").write_text(CORPUS)
-    foreign = load_rows(embedded_run["act"], embedded_run["split"], ["eval"]).head(2)  # stands in for a foreign set
-    write_table(tmp / "foreign.parquet", foreign.assign(split="foreign", row_id="foreign:" + foreign.row_id))
-    run = embedded_run
+    # One held-out document (two rows) becomes the foreign set, as the split stage writes it.
+    splits = read_table(Path(run["split"]) / SPLITS_FILE)
+    moved = splits[splits.split == "eval"].doc_id.iloc[0]
+    splits.loc[splits.doc_id == moved, "split"] = FOREIGN
+    write_table(tmp / "split" / SPLITS_FILE, splits)
+    shutil.copy(sidecar_path(run["split"]), sidecar_path(tmp / "split"))
+    # Any rows with vector, token and prefix make a set; without a split column it is named by the file.
+    extra = load_rows(run["act"], run["split"], ["av_sft"]).head(2).drop(columns=["split"])
+    write_table(tmp / "extra.parquet", extra.assign(row_id="extra:" + extra.row_id))
     cmd = [sys.executable, "-m", "nla.cli", "serve", "--port", "0", "--device", "cpu"]
     cmd += ["--av", run["av"], "--ar", run["ar"], "--av2", run["av"], "--ar2", run["ar"]]
-    cmd += ["--activations", run["act"], "--splits", run["split"], "--labels", run["labels"]]
-    cmd += ["--rows", tmp / "foreign.parquet", "--corpus", tmp / "corpus.txt", "--cache-dir", tmp / "cache"]
+    cmd += ["--activations", run["act"], "--splits", tmp / "split", "--labels", run["labels"]]
+    cmd += ["--rows", tmp / "extra.parquet", "--corpus", tmp / "corpus.txt", "--cache-dir", tmp / "cache"]
     cmd += ["--max-new-tokens", str(MAX_NEW), *(str(x) for kv in LIMITS.items() for x in kv)]
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.Popen(
@@ -104,8 +117,6 @@ def poll(server, path: str, done, timeout: float = 180, **params) -> httpx.Respo
 
 
 def test_cli_defaults_are_the_explorer_defaults():
-    from nla.explorer import ExplorerConfig
-
     args = vars(build_parser().parse_args(["serve"]))
     defaults = ExplorerConfig()
     for name in NUMBER_FLAGS:
@@ -114,8 +125,6 @@ def test_cli_defaults_are_the_explorer_defaults():
 
 
 def test_refusals_before_any_model_loads(capsys, tmp_path):
-    from nla.serve import is_loopback
-
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
     assert main(["serve", "--host", "0.0.0.0", "--av", str(tmp_path)]) == 2
@@ -134,8 +143,6 @@ def test_refusals_before_any_model_loads(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_explain_gives_the_records_of_nla_explain(server):
-    from nla.explain import explain
-
     response = post(server, "/api/explain", {"text": TEXT, "positions": "last"})
     assert response.status_code == 200, response.text
     [got] = response.json()["records"]
@@ -143,9 +150,9 @@ def test_explain_gives_the_records_of_nla_explain(server):
         r.to_dict()
         for r in explain(TEXT, None, server.run["av"], server.run["ar"], max_new_tokens=MAX_NEW, device="cpu")
     ]
-    assert {k: got[k] for k in ("text", "position", "token", "explanation", "closed")} == {
-        k: want[k] for k in ("text", "position", "token", "explanation", "closed")
-    }
+    assert set(got) == set(want) and want["token_ids"] and want["raw"]
+    exact = [k for k in want if k not in ("fve", "cos")]  # text, position, token, explanation, closed, token_ids, raw
+    assert {k: got[k] for k in exact} == {k: want[k] for k in exact}
     assert got["fve"] == pytest.approx(want["fve"], abs=1e-4) and got["cos"] == pytest.approx(want["cos"], abs=1e-4)
 
 
@@ -245,20 +252,26 @@ def test_progress_and_the_time_cap(server):
 @pytest.mark.slow
 def test_eval_rows(server):
     table = poll(server, "/api/rows", lambda r: r.status_code != 202).json()
-    assert table["splits"] == {"eval": 4, "foreign": 2}
+    # held-out rows capped at --eval-max-rows, the foreign document's two rows, the --rows file's two
+    assert table["splits"] == {"eval": 4, FOREIGN: 2, "extra": 2}
     assert {"gold", "a_explanation", "a_fve", "a_fve_gold", "b_explanation", "b_fve"} <= set(table["columns"])
+    assert set(table["mean_fve_by_split"]) == {"eval", FOREIGN, "extra"}
     rows = get(server, "/api/rows", sort="a_fve", order="desc").json()["rows"]
     fve = [r["a_fve"] for r in rows]
-    assert len(rows) == 6 and fve == sorted(fve, reverse=True)
-    assert all((r["gold"] is None) == (r["split"] == "foreign") for r in rows)
-    assert all((r["a_fve_gold"] is None) == (r["split"] == "foreign") for r in rows)
-    word = rows[0]["token"].strip() or rows[0]["gold"].split()[0]
+    assert len(rows) == 8 and fve == sorted(fve, reverse=True)
+    assert all((r["gold"] is None) == (r["split"] == "extra") for r in rows)  # table sets carry their labels
+    assert all((r["a_fve_gold"] is None) == (r["split"] == "extra") for r in rows)
+    foreign = [r for r in rows if r["split"] == FOREIGN]
+    mean = sum(r["a_fve"] for r in foreign) / len(foreign)
+    assert table["mean_fve_by_split"][FOREIGN]["a"] == pytest.approx(mean)
+    word = foreign[0]["token"].strip() or foreign[0]["gold"].split()[0]
     filtered = get(server, "/api/rows", q=word).json()
     assert filtered["total"] >= 1
     assert all(
         any(word.lower() in str(r[c] or "").lower() for c in r if isinstance(r[c], str)) for r in filtered["rows"]
     )
-    assert get(server, "/api/rows", split="foreign").json()["total"] == 2
+    only = get(server, "/api/rows", split=FOREIGN).json()
+    assert only["total"] == 2 and {r["split"] for r in only["rows"]} == {FOREIGN}
     bad = get(server, "/api/rows", sort="nope")
     assert bad.status_code == 422 and "cannot sort by 'nope'" in bad.json()["error"]
     assert list((server.tmp / "cache").glob("rows-*.json"))  # cached for the next start
@@ -311,7 +324,7 @@ def _chromium():
 @pytest.mark.slow
 def test_the_page_in_chromium(server, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     browser = _chromium()
     try:
@@ -339,7 +352,11 @@ def test_the_page_in_chromium(server, tmp_path):
         browser.save_screenshot(str(tmp_path / "serve.png"))
 
         browser.find_element(By.CSS_SELECTOR, '.tab[data-view="eval"]').click()
-        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#eval-table tbody tr")) == 6)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#eval-table tbody tr")) == 8)
+        Select(browser.find_element(By.ID, "eval-split")).select_by_value(FOREIGN)  # the set filter
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#eval-table tbody tr")) == 2)
+        sets = {td.text for td in browser.find_elements(By.CSS_SELECTOR, "#eval-table tbody td.split")}
+        assert sets == {FOREIGN}
         browser.save_screenshot(str(tmp_path / "serve_eval.png"))
     finally:
         browser.quit()

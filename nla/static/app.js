@@ -201,9 +201,15 @@ async function loadRows() {
   }
 }
 
+// Mean round-trip FVE of each pair, per set: the held-out and the foreign rows side by side.
+function setMeans(body) {
+  return Object.entries(body.mean_fve_by_split).map(
+    ([set, means]) => `${set}: ` + Object.entries(means).map(([k, v]) => `${k.toUpperCase()} ${fmt(v)}`).join(", "),
+  );
+}
+
 function renderRows(body) {
-  const means = Object.entries(body.mean_fve).map(([k, v]) => `${k.toUpperCase()} mean round-trip FVE ${fmt(v)}`);
-  $("#eval-status").textContent = `${body.total} rows · ${means.join(" · ")}`;
+  $("#eval-status").textContent = `${body.total} rows · mean round-trip FVE ${setMeans(body).join(" · ")}`;
   const splits = $("#eval-split");
   if (splits.options.length === 1) {
     for (const [name, n] of Object.entries(body.splits)) splits.append(el("option", { value: name, textContent: `${name} (${n})` }));
@@ -228,7 +234,7 @@ function renderRows(body) {
         {},
         ...columns.map((c) => {
           const value = row[c];
-          if (!NUMERIC.test(c)) return el("td", { className: c === "context" ? "context" : "", textContent: value ?? "–" });
+          if (!NUMERIC.test(c)) return el("td", { className: ["context", "split"].includes(c) ? c : "", textContent: value ?? "–" });
           const td = el("td", { className: "num", textContent: Number.isInteger(value) ? value : fmt(value) });
           if (/_fve(_gold)?$/.test(c)) td.style.background = fveColor(value);
           return td;
