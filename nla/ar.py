@@ -194,6 +194,8 @@ class AR(nn.Module):
         meta.update(updates)
         with atomic_dir(out_dir) as tmp:
             if meta["finetune"] == "lora":
+                for config in self.backbone.peft_config.values():  # the base's name, not its cache path (as AV.save)
+                    config.base_model_name_or_path = meta["base_model"]
                 self.backbone.save_pretrained(tmp)
             else:
                 state = {k: v.detach().contiguous().cpu() for k, v in self.backbone.state_dict().items()}

@@ -258,6 +258,9 @@ class AV:
         meta = {**meta, "weights": "adapter" if peft else "full", "merged": bool(merged and peft)}
         with atomic_dir(out_dir) as tmp:
             if peft:
+                # PEFT would record the folder the base loaded from (a cache path that differs between
+                # machines); the sidecar's name for it keeps the checkpoint's bytes the same everywhere.
+                self.model.peft_config[self.model.active_adapter].base_model_name_or_path = meta["base_model"]
                 self.model.save_pretrained(tmp, selected_adapters=[self.model.active_adapter])
             else:
                 self.model.save_pretrained(tmp)

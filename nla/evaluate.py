@@ -22,9 +22,19 @@ from nla.errors import NLAError
 from nla.io import atomic_path, atomic_write_text, write_json
 from nla.metrics import derangement, fve_denominator, fve_from_mse, mse_nrm
 from nla.models import release_memory
+from nla.provenance import beside, write_provenance
 from nla.sidecar import read_sidecar
 
 REQUIRED_CHECKPOINTS = ("av_sft", "ar_sft")
+# What `dvc metrics show` lists for evaluate (short name -> key of the full metrics); every number,
+# these included, goes to the details file under its full name.
+HEADLINE = {
+    "fve_gold": "fve_ar_gold",
+    "fve_sft": "fve_roundtrip_sft",
+    "fve_rl": "fve_roundtrip_rl",
+    "fve_shuffled": "fve_shuffled",
+    "fve_empty": "fve_empty",
+}
 
 
 def position_bucket(position: int) -> tuple[int, int]:
@@ -83,12 +93,16 @@ def run_evaluate(
     metrics_path: str | Path,
     plots_dir: str | Path,
     samples_path: str | Path,
+    *,
+    details_path: str | Path | None = None,
+    provenance_path: str | Path | None = None,
 ) -> dict[str, float]:
     """FVE of the AR on gold labels, of the AV→AR round trip per checkpoint pair, and the controls.
 
     `checkpoints`: av_sft and ar_sft (required), av_rl and ar_rl (optional, both or neither).
-    Writes `metrics_path` (flat JSON), `plots_dir`/fve_by_checkpoint.csv and fve_by_position.csv,
-    and `samples_path` (markdown).
+    Writes `metrics_path` (the headline, `HEADLINE`), `details_path` (every metric returned here,
+    flat JSON; default `<metrics>_details.json`), `plots_dir`/fve_by_checkpoint.csv and
+    fve_by_position.csv, `samples_path` (markdown) and the timing to `provenance_path`.
     """
     ev = cfg.evaluate
     start = time.perf_counter()
@@ -155,9 +169,11 @@ def run_evaluate(
         if key != "mean":  # ū is not a unit vector, so 1 - mse/2 is a cosine only for the others
             metrics[f"cos_{key}"] = float((1 - mse / 2).mean())  # mse_nrm = 2(1 - cos)
     metrics["fve_denominator"] = denom
-    metrics["eval_seconds"] = time.perf_counter() - start
 
-    write_json(metrics_path, metrics)
+    metrics_path = Path(metrics_path)
+    write_json(metrics_path, {short: metrics[key] for short, key in HEADLINE.items() if key in metrics})
+    write_json(details_path or metrics_path.with_name(f"{metrics_path.stem}_details.json"), metrics)
+    write_provenance(provenance_path or beside(metrics_path), "evaluate", eval_seconds=time.perf_counter() - start)
     _write_plots(Path(plots_dir), rows, per_row, denom)
     _write_samples(Path(samples_path), rows, texts, closed, per_row, denom, ev.n_samples)
     return metrics
