@@ -31,7 +31,15 @@ from nla.data import pad_batch
 from nla.errors import NLAError
 from nla.io import atomic_dir
 from nla.metrics import MSE_NORMALISATION, fve_denominator, mse_nrm, unit
-from nla.models import check_layer, d_model, decoder_blocks, final_norm, load_model, resolve_source
+from nla.models import (
+    check_layer,
+    d_model,
+    decoder_blocks,
+    final_norm,
+    load_model,
+    pin_adapter_config,
+    resolve_source,
+)
 from nla.sidecar import base_model_config, make_meta, read_sidecar, require, write_sidecar
 
 HEAD_FILE = "head.safetensors"
@@ -194,8 +202,7 @@ class AR(nn.Module):
         meta.update(updates)
         with atomic_dir(out_dir) as tmp:
             if meta["finetune"] == "lora":
-                for config in self.backbone.peft_config.values():  # the base's name, not its cache path (as AV.save)
-                    config.base_model_name_or_path = meta["base_model"]
+                pin_adapter_config(self.backbone)
                 self.backbone.save_pretrained(tmp)
             else:
                 state = {k: v.detach().contiguous().cpu() for k, v in self.backbone.state_dict().items()}

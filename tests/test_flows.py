@@ -308,10 +308,7 @@ def test_flow_reruns_nothing_unchanged_and_publishes_only_on_improvement(
     state = nla_pipeline(project_dir=str(project), publish=True, return_state=True)
     third = state.result()
     assert third["improved"] and len([c for c in hub_calls if "upload" in c]) == 2
-    assert (
-        "| fve_sft | 0.5000 | 0.3000 | +0.2000 |"
-        in artifacts_of(state.state_details.flow_run_id)["nla-metrics"]
-    )
+    assert "| fve_sft | 0.5000 | 0.3000 | +0.2000 |" in artifacts_of(state.state_details.flow_run_id)["nla-metrics"]
     leaked = [p for p in project.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
     assert leaked == []
 

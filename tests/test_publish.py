@@ -25,9 +25,9 @@ from nla.upload import published_folders, run_upload, upload_folders
 
 TOKEN = "hf_TESTtoken_never_written_0123456789abcdef"
 METRICS = {
-    "fve_roundtrip_sft": 0.21,
-    "fve_roundtrip_rl": 0.33,
-    "fve_ar_gold": 0.4,
+    "fve_sft": 0.21,
+    "fve_rl": 0.33,
+    "fve_gold": 0.4,
     "controls": {"fve_shuffled": -0.3},
     "rows": 16,
 }
@@ -49,7 +49,7 @@ def trained(tmp_path_factory):
         {
             "corpus": {"max_docs": 12},
             "extract": {"max_tokens": 24, "positions_per_doc": 2, "min_position": 4},
-            "av_sft": {"max_steps": 1, "batch_size": 2, "lora": lora},
+            "av_sft": {"max_steps": 2, "batch_size": 2, "lora": lora},  # step 1 runs at lr 0 (warm-up)
             "ar_sft": {"max_steps": 1, "batch_size": 2, "lora": lora},
             "publish": {"namespace": "nla-test", "token_env": "NLA_TEST_HF_TOKEN"},
         }
@@ -117,9 +117,9 @@ def test_published_folders_load_back_and_explain_the_same(trained, monkeypatch):
         assert f"activation-{'verbalizer' if role == 'av' else 'reconstructor'}" in card.data.tags
         results = {r.metric_type: r.metric_value for r in card.data.eval_results}
         assert results == {
-            "fve_roundtrip_sft": 0.21,
-            "fve_roundtrip_rl": 0.33,
-            "fve_ar_gold": 0.4,
+            "fve_sft": 0.21,
+            "fve_rl": 0.33,
+            "fve_gold": 0.4,
             "controls.fve_shuffled": -0.3,
         }
         assert card.data.model_name == f"nla-smollm2-135m-instruct-l20-{role}"
@@ -257,7 +257,9 @@ def test_published_weights_load_without_nla_and_are_the_trained_ones(trained, tm
         expected = av.model(ids).logits
     got = plain(PLAIN_AV, root / "pub" / "av", ids)
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
-    assert not torch.allclose(got, plain(PLAIN_AV, dequantised_base(), ids), atol=1e-2)  # training moved them
+    untrained = plain(PLAIN_AV, dequantised_base(), ids)  # positive control: the base itself is measurably off
+    off, moved = (got - expected).abs().max(), (got - untrained).abs().max()
+    assert moved > 100 * off and moved > 1e-3, (off, moved)
 
     ar = load_ar(root / "ar", "cpu")  # the trained LoRA AR
     text = "A news report; the next word is a name."
