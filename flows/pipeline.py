@@ -6,7 +6,8 @@ each task runs `dvc repro --single-item <stage>`, so DVC's lock file and cache d
 reruns and unchanged stages are skipped. Prefect adds retries (labeling), a run history,
 schedules, and artifacts: a metrics table compared against the last published metrics and
 the sample explanations of the evaluate stage. Upload to the Hub happens only when asked
-for and only when the key metric improved on the last published one.
+for and only when the key metric improved on the last published one (`nla.upload`, the same
+step as `nla upload`); the DVC publish stage itself only builds the folders.
 
 Run locally (Prefect starts a temporary API server when PREFECT_API_URL is unset):
     python -m flows.pipeline --profile gpu --publish
@@ -30,17 +31,15 @@ from prefect.cache_policies import NONE as NO_CACHE
 
 from nla.config import PATHS, apply_profile, load_config
 from nla.errors import NLAError
-from nla.io import write_json
 from nla.lock import workspace_lock
+from nla.upload import flatten, improvement, run_upload
 
 GATE_PREFIX = "validate_"  # stages named validate_* are data-quality gates
 RETRIES = {"label": 3}  # stage -> retries (the labeler may call a remote server)
 RETRY_DELAY_S = [10, 60, 300]
-# The first one present decides "improved": the round trip on text no stage trained on comes first.
-KEY_METRICS = ("fve_roundtrip_rl_foreign", "fve_roundtrip_sft_foreign", "fve_roundtrip_rl", "fve_roundtrip_sft")
 METRICS_FILE = f"{PATHS.metrics}/eval.json"
 SAMPLES_FILE = f"{PATHS.reports}/samples.md"
-PUBLISHED_METRICS_FILE = f"{PATHS.reports}/published_metrics.json"  # metrics of the last upload (commit it)
+PUBLISHED_METRICS_FILE = PATHS.published_metrics  # metrics of the last upload (commit it)
 ERROR_LINE = re.compile(r"^nla [\w-]+: error: ")  # how `nla` reports an NLAError on stderr
 
 
@@ -129,17 +128,6 @@ def run_stage(stage: str, project_dir: str) -> str:
 # Metrics: `dvc metrics diff` semantics (flattened dotted keys; old, new, diff)
 
 
-def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            flat[name] = float(value)
-    return flat
-
-
 def metrics_diff(new: dict[str, Any], old: dict[str, Any] | None) -> dict[str, dict[str, float | None]]:
     """{key: {old, new, diff}} over the union of keys, like `dvc metrics diff --json` for one file."""
     new_flat, old_flat = flatten(new), flatten(old or {})
@@ -148,30 +136,6 @@ def metrics_diff(new: dict[str, Any], old: dict[str, Any] | None) -> dict[str, d
         a, b = old_flat.get(key), new_flat.get(key)
         rows[key] = {"old": a, "new": b, "diff": None if a is None or b is None else b - a}
     return rows
-
-
-def key_metric(flat: dict[str, float]) -> str | None:
-    """The first of KEY_METRICS present (matched on the last dotted component)."""
-    for name in KEY_METRICS:
-        for key in flat:
-            if key == name or key.endswith("." + name):
-                return key
-    return None
-
-
-def improvement(new: dict[str, Any], old: dict[str, Any] | None) -> tuple[bool, str]:
-    """(improved?, why): higher key metric is better; no published baseline counts as improved."""
-    new_flat = flatten(new)
-    key = key_metric(new_flat)
-    if key is None:
-        return False, f"no key metric ({' or '.join(KEY_METRICS)}) in the new metrics"
-    if old is None:
-        return True, f"{key} = {new_flat[key]:.4f}; nothing published yet"
-    old_value = flatten(old).get(key)
-    if old_value is None:
-        return True, f"{key} = {new_flat[key]:.4f}; the published metrics lack it"
-    verdict = "improved" if new_flat[key] > old_value else "did not improve"
-    return new_flat[key] > old_value, f"{key} {verdict}: {old_value:.4f} -> {new_flat[key]:.4f}"
 
 
 def metrics_markdown(diff: dict[str, dict[str, float | None]], verdict: str, statuses: dict[str, str]) -> str:
@@ -197,12 +161,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def upload(project_dir: str) -> dict[str, str]:
-    """Upload the Hub-ready folders of the publish stage (needs the token in the environment)."""
-    from nla.publish import published_folders, upload_folders  # torch and transformers only when uploading
-
+    """`nla upload` on the publish stage's folders: only on improvement, then the baseline is the new metrics."""
     root = Path(project_dir)
     cfg = load_config(root / "params.yaml")
-    return {role: str(url) for role, url in upload_folders(cfg, published_folders(root / PATHS.publish)).items()}
+    result = run_upload(cfg, root / PATHS.publish, root / METRICS_FILE, root / PUBLISHED_METRICS_FILE)
+    return {role: str(url) for role, url in result["uploaded"].items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +217,6 @@ def nla_pipeline(project_dir: str = ".", profile: str | None = None, publish: bo
         uploaded: dict[str, str] = {}
         if publish and improved:
             uploaded = upload(str(root))
-            write_json(root / PUBLISHED_METRICS_FILE, new)
             logger.info("published %s; baseline now %s", uploaded, PUBLISHED_METRICS_FILE)
         elif publish:
             logger.info("not publishing: %s", verdict)

@@ -39,7 +39,15 @@ from nla.data import pad_batch
 from nla.errors import NLAError
 from nla.io import atomic_dir
 from nla.metrics import MSE_NORMALISATION, fve_denominator, mse_nrm, unit
-from nla.models import check_layer, d_model, decoder_blocks, final_norm, load_model, resolve_source
+from nla.models import (
+    check_layer,
+    d_model,
+    decoder_blocks,
+    final_norm,
+    load_model,
+    pin_adapter_config,
+    resolve_source,
+)
 from nla.sidecar import base_model_config, make_meta, read_sidecar, require, write_sidecar
 
 TOKENIZATIONS = ("piecewise", "one_string")  # the AR prompt conventions a sidecar can record
@@ -227,6 +235,7 @@ class AR(nn.Module):
         meta.update(updates)
         with atomic_dir(out_dir) as tmp:
             if meta["finetune"] == "lora":
+                pin_adapter_config(self.backbone)
                 self.backbone.save_pretrained(tmp)
             else:
                 state = {k: v.detach().contiguous().cpu() for k, v in self.backbone.state_dict().items()}

@@ -32,9 +32,11 @@ from nla.data import labeled_rows, vectors_of
 from nla.errors import NLAError
 from nla.io import atomic_dir, atomic_path, write_json
 from nla.models import autocast, d_model, load_model, model_autocast
+from nla.provenance import beside, write_provenance
 from nla.sidecar import read_sidecar, sidecar_path
 
 AR_CHECKPOINT, AR_STATE_FILE = "checkpoint", "state.pt"  # mid-run state of ar_sft, under its work folder
+TIMINGS = ("ar_sft_seconds", "ar_sft_tokens_per_s")  # of `fit_ar`'s metrics: run facts (nla.provenance), not results
 
 
 # ----------------------------------------------------------------------------- training
@@ -194,13 +196,15 @@ def run_ar_sft(
     metrics_path: str | Path | None = None,
     plots_path: str | Path | None = None,
     work_dir: str | Path = Path(PATHS.work) / "ar_sft",
+    provenance_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train the AR on (explanation → activation) over the ar_sft rows; save checkpoint, log and metrics.
 
     A killed run resumes from its last mid-run checkpoint in `work_dir` (removed once the AR is saved).
 
-    Metrics (JSON, for `dvc metrics`) go to `metrics_path` and the per-step loss (CSV, for `dvc plots`)
-    to `plots_path`; both default to files beside `out_dir` (DVC outputs must not overlap).
+    The headline metrics (JSON, for `dvc metrics`) go to `metrics_path`, the per-step loss (CSV, for
+    `dvc plots`) to `plots_path` and the timings to `provenance_path`; they default to files beside
+    `out_dir` (DVC outputs must not overlap). The sidecar's `training` holds every other metric.
     """
     loaded = load_model(cfg.model, for_training=True)
     model, _, source = loaded
@@ -217,6 +221,7 @@ def run_ar_sft(
     texts, targets = rows.explanation.tolist(), torch.from_numpy(vectors_of(rows))
     fingerprint = ar_fingerprint(cfg, source.fingerprint, rows.row_id.tolist(), texts, targets)
     ar, log, metrics = fit_ar(cfg, texts, targets, loaded, work_dir, fingerprint)
+    timings = {key: metrics.pop(key) for key in TIMINGS}
     ar.save(
         out_dir,
         {
@@ -230,13 +235,24 @@ def run_ar_sft(
     )
     out_dir = Path(out_dir)
     _write_log(plots_path or out_dir.with_name(out_dir.name + "_loss.csv"), log)
-    write_json(metrics_path or out_dir.with_name(out_dir.name + "_metrics.json"), metrics)
+    write_json(metrics_path or out_dir.with_name(out_dir.name + "_metrics.json"), headline(log))
+    write_provenance(provenance_path or beside(out_dir), "ar_sft", **timings)
     shutil.rmtree(Path(work_dir) / AR_CHECKPOINT, ignore_errors=True)  # the AR is saved: no run to resume
     return metrics
 
 
+def headline(log: list[dict[str, float]]) -> dict[str, float]:
+    """What `dvc metrics show` lists for ar_sft: the loss (mse_nrm) at the start and at the end, as for av_sft."""
+    k = max(1, len(log) // 10)
+    return {
+        "ar_loss0": float(np.mean([r["loss"] for r in log[:k]])),
+        "ar_loss": float(np.mean([r["loss"] for r in log[-k:]])),
+    }
+
+
 def _write_log(path: Path, log: list[dict[str, float]]) -> None:
+    """The per-step curve for `dvc plots`, without the wall-clock column (a timing, not a result)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(log[0]))
+        writer = csv.DictWriter(fh, fieldnames=[k for k in log[0] if k != "seconds"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(log)

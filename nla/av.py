@@ -40,7 +40,7 @@ from nla.data import pad_batch
 from nla.errors import NLAError
 from nla.injection import ActivationInjector, Marker, anchor_marker, choose_marker_char
 from nla.io import atomic_dir
-from nla.models import check_layer, d_model, load_model, load_tokenizer, resolve_source
+from nla.models import check_layer, d_model, load_model, load_tokenizer, pin_adapter_config, resolve_source
 from nla.sampling import Decoder, MergedCopy
 from nla.sidecar import base_model_config, read_sidecar, require, sidecar_path, write_sidecar
 
@@ -302,6 +302,7 @@ class AV:
         meta = {**meta, "weights": "adapter" if peft else "full", "merged": bool(merged and peft)}
         with atomic_dir(out_dir) as tmp:
             if peft:
+                pin_adapter_config(self.model)
                 self.model.save_pretrained(tmp, selected_adapters=[self.model.active_adapter])
             else:
                 self.model.save_pretrained(tmp)

@@ -33,6 +33,7 @@ from nla.injection import ActivationInjector
 from nla.io import atomic_path, write_json
 from nla.metrics import MSE_NORMALISATION
 from nla.models import check_layer, d_model, load_model, model_autocast, resolve_source
+from nla.provenance import beside, write_provenance
 from nla.sidecar import make_meta, read_sidecar, sidecar_path
 
 RESUME_FILE = "nla_resume.json"  # written last into a trainer checkpoint: it is complete and whose run it is
@@ -274,6 +275,14 @@ def loss_summary(log: list[dict]) -> dict[str, float]:
     }
 
 
+def headline(metrics: dict) -> dict[str, float]:
+    """What `dvc metrics show` lists for av_sft: the loss at the start and at the end (means of a tenth of the steps).
+
+    Metric names are unique across the pipeline's metrics files, so `dvc exp show` names them without a path.
+    """
+    return {"av_loss0": metrics["loss_first_10pct"], "av_loss": metrics["loss_last_10pct"]}
+
+
 def write_loss_csv(path: str | Path, log: list[dict]) -> None:
     """The per-step curve for `dvc plots`: step, loss, learning_rate, mean_token_accuracy."""
     frame = pd.DataFrame(
@@ -305,13 +314,15 @@ def run_av_sft(
     plots_path: str | Path | None = None,
     sweep_path: str | Path | None = None,
     work_dir: str | Path = "data/work/av_sft",
+    provenance_path: str | Path | None = None,
 ) -> dict:
     """Train the AV on the av_sft rows and save checkpoint + sidecar; returns the training metrics.
 
     A killed run resumes from its last trainer checkpoint in `work_dir` (every
     `av_sft.save_steps` steps; removed once the AV is saved) when the inputs and params match.
-    Metrics (JSON, for `dvc metrics`) go to `metrics_path` and the per-step loss (CSV, for
-    `dvc plots`) to `plots_path`; both default to files inside `out_dir`.
+    The headline metrics (JSON, for `dvc metrics`) go to `metrics_path`, the per-step loss (CSV,
+    for `dvc plots`) to `plots_path` and the timings to `provenance_path`; they default to files
+    beside `out_dir`. The sidecar's `training` holds every metric returned here.
     """
     out_dir = Path(out_dir)
     rows = labeled_rows(activations_dir, splits_dir, labels_dir, ["av_sft"], layer=cfg.model.layer)
@@ -331,8 +342,6 @@ def run_av_sft(
         "steps": stats["steps"],
         "epochs": stats["epochs"],
         "train_loss": stats["train_loss"],
-        "train_seconds": round(stats["seconds"], 1),
-        "train_tokens_per_s": round(stats["tokens_per_s"], 1),
         "injection_scale": scale,
         **loss_summary(log),
     }
@@ -366,8 +375,14 @@ def run_av_sft(
         parents=[str(activations_dir), str(splits_dir), str(labels_dir)] + ([str(sweep_path)] if sweep_path else []),
     )
     av.save(out_dir, meta, merged=cfg.av_sft.merge)
-    write_json(metrics_path or out_dir.with_name(out_dir.name + "_metrics.json"), metrics)
+    write_json(metrics_path or out_dir.with_name(out_dir.name + "_metrics.json"), headline(metrics))
     write_loss_csv(plots_path or out_dir.with_name(out_dir.name + "_loss.csv"), log)
+    write_provenance(
+        provenance_path or beside(out_dir),
+        "av_sft",
+        train_seconds=round(stats["seconds"], 1),
+        train_tokens_per_s=round(stats["tokens_per_s"], 1),
+    )
     clear_checkpoints(Path(work_dir))  # the AV is saved: a rerun starts over, as `dvc repro` expects
     shutil.rmtree(work_dir, ignore_errors=True)  # and TRL's model card, written beside the checkpoints
     return metrics

@@ -19,6 +19,11 @@ from nla.lock import workspace_lock
 P = PATHS
 
 
+def _provenance(stage: str) -> Path:
+    """Where a stage run from the CLI leaves its run facts (timings, host, commit): outside every DVC output."""
+    return Path(P.provenance) / f"{stage}.json"
+
+
 def _stage_corpus(cfg: NLAConfig, args) -> None:
     from nla.corpus import run_corpus
 
@@ -29,7 +34,9 @@ def _stage_corpus(cfg: NLAConfig, args) -> None:
 def _stage_extract(cfg: NLAConfig, args) -> None:
     from nla.extract import run_extract
 
-    table = run_extract(cfg, P.documents, P.activations, Path(P.work) / "extract")
+    table = run_extract(
+        cfg, P.documents, P.activations, Path(P.work) / "extract", provenance_path=_provenance("extract")
+    )
     print(f"extract: {len(table)} activations from {table.doc_id.nunique()} documents -> {P.activations}")
 
 
@@ -43,14 +50,22 @@ def _stage_split(cfg: NLAConfig, args) -> None:
 def _stage_validate_activations(cfg: NLAConfig, args) -> None:
     from nla.quality import validate_activations
 
-    report = validate_activations(cfg, P.activations, P.splits, Path(P.quality) / "activations.json")
+    report = validate_activations(
+        cfg,
+        P.activations,
+        P.splits,
+        Path(P.quality) / "activations.json",
+        provenance_path=_provenance("validate_activations"),
+    )
     print(f"validate-activations: {_gate_summary(report)}")
 
 
 def _stage_validate_labels(cfg: NLAConfig, args) -> None:
     from nla.quality import validate_explanations
 
-    report = validate_explanations(cfg, P.labels, Path(P.quality) / "explanations.json")
+    report = validate_explanations(
+        cfg, P.labels, Path(P.quality) / "explanations.json", provenance_path=_provenance("validate_labels")
+    )
     print(f"validate-labels: {_gate_summary(report)}")
 
 
@@ -63,7 +78,7 @@ def _gate_summary(report: dict) -> str:
 def _stage_label(cfg: NLAConfig, args) -> None:
     from nla.label import run_label
 
-    table = run_label(cfg, P.activations, P.splits, P.labels)
+    table = run_label(cfg, P.activations, P.splits, P.labels, provenance_path=_provenance("label"))
     print(f"label: {len(table)} explanations ({cfg.label.backend} backend) -> {P.labels}")
 
 
@@ -94,6 +109,7 @@ def _stage_av_sft(cfg: NLAConfig, args) -> None:
         metrics_path=Path(P.metrics) / "av_sft.json",
         plots_path=Path(P.plots) / "av_sft_loss.csv",
         work_dir=Path(P.work) / "av_sft",
+        provenance_path=_provenance("av_sft"),
     )
     print(f"av-sft: loss {stats['loss_first']:.3f} -> {stats['loss_last']:.3f} -> {P.av_sft}")
 
@@ -109,6 +125,7 @@ def _stage_ar_sft(cfg: NLAConfig, args) -> None:
         P.ar_sft,
         metrics_path=Path(P.metrics) / "ar_sft.json",
         plots_path=Path(P.plots) / "ar_sft_loss.csv",
+        provenance_path=_provenance("ar_sft"),
     )
     print(f"ar-sft: train FVE {stats['ar_sft_train_fve']:.3f} -> {P.ar_sft}")
 
@@ -127,12 +144,13 @@ def _stage_rl(cfg: NLAConfig, args) -> None:
         log_path=Path(P.plots) / "rl_log.csv",
         eval_log_path=Path(P.plots) / "rl_eval.csv",
         metrics_path=Path(P.metrics) / "rl.json",
+        provenance_path=_provenance("rl"),
     )
     print(f"rl: {stats.get('steps', '?')} steps -> {P.rl}")
 
 
 def _stage_evaluate(cfg: NLAConfig, args) -> None:
-    from nla.evaluate import run_evaluate
+    from nla.evaluate import HEADLINE, run_evaluate
 
     checkpoints = {"av_sft": P.av_sft, "ar_sft": P.ar_sft}
     if (Path(P.rl) / "av").is_dir():  # the RL pair is optional: evaluate runs after SFT alone too
@@ -146,9 +164,10 @@ def _stage_evaluate(cfg: NLAConfig, args) -> None:
         Path(P.metrics) / "eval.json",
         P.plots,
         Path(P.reports) / "samples.md",
+        details_path=Path(P.reports) / "eval_details.json",
+        provenance_path=_provenance("evaluate"),
     )
-    keys = ("fve_ar_gold", "fve_roundtrip_sft", "fve_roundtrip_rl", "fve_shuffled", "fve_empty")
-    print("evaluate: " + ", ".join(f"{k}={metrics[k]:.3f}" for k in keys if k in metrics))
+    print("evaluate: " + ", ".join(f"{short}={metrics[key]:.3f}" for short, key in HEADLINE.items() if key in metrics))
 
 
 def _stage_publish(cfg: NLAConfig, args) -> None:
@@ -157,7 +176,19 @@ def _stage_publish(cfg: NLAConfig, args) -> None:
 
     av, ar = default_checkpoints()
     summary = run_publish(cfg, {"av": av, "ar": ar}, Path(P.metrics) / "eval.json", P.publish, layout=args.layout)
-    print(f"publish ({summary['upload']}): " + ", ".join(summary["models"]) + f" -> {P.publish}")
+    models = ", ".join(f"{role} ({m['weights']})" for role, m in summary["models"].items())
+    print(f"publish: {models} -> {P.publish}; `nla upload` sends them to the Hub")
+
+
+def _stage_upload(cfg: NLAConfig, args) -> None:
+    from nla.upload import run_upload
+
+    result = run_upload(cfg, P.publish, Path(P.metrics) / "eval.json", P.published_metrics, force=args.force)
+    if result["uploaded"]:
+        print(f"upload: {result['verdict']}; " + ", ".join(result["uploaded"].values()))
+        print(f"upload: {P.published_metrics} records what was uploaded; commit it")
+    else:
+        print(f"upload: nothing uploaded ({result['verdict']}); --force uploads anyway")
 
 
 STAGES: dict[str, tuple[Callable[[NLAConfig, argparse.Namespace], None], str]] = {
@@ -175,7 +206,8 @@ STAGES: dict[str, tuple[Callable[[NLAConfig, argparse.Namespace], None], str]] =
     "ar-sft": (_stage_ar_sft, "supervised training of the activation reconstructor"),
     "rl": (_stage_rl, "GRPO-style joint RL of AV and AR on round-trip reconstruction"),
     "evaluate": (_stage_evaluate, "held-out FVE of AR and round trip, controls, plots and samples"),
-    "publish": (_stage_publish, "Hub-ready folders with model cards; uploads when publish.enabled"),
+    "publish": (_stage_publish, "Hub-ready folders with model cards (builds only; `nla upload` uploads)"),
+    "upload": (_stage_upload, "upload the published folders to the Hub when the key metric improved"),
 }
 
 
@@ -286,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                 default="nla",
                 help="folder layout: this project's (default) or the paper's released one (kitft)",
             )
+        if name == "upload":
+            stage.add_argument("--force", action="store_true", help="upload even if the key metric did not improve")
     ex = sub.add_parser(
         "explain",
         help="explain activations of a text (or saved vectors) with a trained AV",

@@ -250,12 +250,22 @@ class EvaluateConfig(Section):
 
 
 class PublishConfig(Section):
-    enabled: bool = False  # dry run by default: build folders, upload nothing
+    """`nla publish` builds the folders (never uploads); `nla upload` uploads them when the key metric improved."""
+
     repo_prefix: str = "nla"
-    namespace: str | None = None
+    namespace: str | None = None  # your Hub user or organisation; the model cards name <namespace>/<repo>
     private: bool = True
-    token_env: str = "HF_TOKEN"
-    merge_weights: bool = True
+    token_env: str = "HF_TOKEN"  # the environment variable `nla upload` reads the token from
+    merge_weights: bool = True  # ship the trained weights merged (no base model to match); else adapters
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_upload_switch(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "enabled" in data:
+            raise ValueError(
+                "publish.enabled is gone: `nla publish` only builds folders; upload them with `nla upload`"
+            )
+        return data
 
 
 class PromptConfig(Section):
@@ -313,6 +323,8 @@ class Paths:
     publish: str = "data/publish"
     alpha_sweep: str = "reports/alpha_sweep.json"
     work: str = "data/work"
+    provenance: str = "reports/provenance"  # run facts per stage (nla.provenance): git-ignored, no DVC out
+    published_metrics: str = "reports/published_metrics.json"  # the metrics of the last upload (commit it)
 
 
 PATHS = Paths()

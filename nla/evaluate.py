@@ -47,11 +47,26 @@ from nla.label.parse import FEATURE_SEP, parse_response
 from nla.label.prompt import context_of
 from nla.metrics import bootstrap_fve, derangement, mse_nrm, unit
 from nla.models import autocast, release_memory, resolve_autocast, resolve_device, resolve_dtype
+from nla.provenance import beside, write_provenance
 from nla.sidecar import read_sidecar, require
 
 REQUIRED_CHECKPOINTS = ("av_sft", "ar_sft")
 SETS = {"": "eval", "_foreign": FOREIGN}  # metric-key suffix -> split
 CONTROLS = ("shuffled", "empty", "mean", "const", "copy", "final_only", "untrained")
+# What `dvc metrics show` lists for evaluate (short name -> key of the full metrics); every number,
+# these included, goes to the details file under its full name.
+HEADLINE = {
+    "fve_rl_foreign": "fve_roundtrip_rl_foreign",
+    "fve_sft_foreign": "fve_roundtrip_sft_foreign",
+    "fve_gold_foreign": "fve_ar_gold_foreign",
+    "fve_copy_foreign": "fve_copy_foreign",
+    "fve_final_foreign": "fve_final_only_foreign",
+    "fve_rl": "fve_roundtrip_rl",
+    "fve_sft": "fve_roundtrip_sft",
+    "fve_gold": "fve_ar_gold",
+    "fve_shuffled": "fve_shuffled",
+    "distinct_rl_foreign": "distinct_rl_foreign",
+}
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]+")
 # Words of the label format itself, not of what it describes.
 FORMAT_WORDS = frozenset(
@@ -210,12 +225,17 @@ def run_evaluate(
     metrics_path: str | Path,
     plots_dir: str | Path,
     samples_path: str | Path,
+    *,
+    details_path: str | Path | None = None,
+    provenance_path: str | Path | None = None,
 ) -> dict[str, float]:
     """Score every series and control on the held-out and foreign sets; write metrics, plots and the report.
 
     `checkpoints`: av_sft and ar_sft (required), av_rl and ar_rl (optional, both or neither).
-    Models load one at a time. Writes `metrics_path` (flat JSON), `plots_dir`/fve_by_checkpoint.csv
-    and fve_by_position.csv, and `samples_path` (markdown: tables, then samples).
+    Models load one at a time. Writes `metrics_path` (the headline, `HEADLINE`), `details_path` (every
+    metric returned here, flat JSON; default `<metrics>_details.json`), `plots_dir`/fve_by_checkpoint.csv
+    and fve_by_position.csv, `samples_path` (markdown: tables, then samples) and the timing to
+    `provenance_path`.
     """
     ev = cfg.evaluate
     start = time.perf_counter()
@@ -239,8 +259,10 @@ def run_evaluate(
     with autocast(torch_device, mixed):
         sets = _score_all(cfg, paths, row_sets, data_meta, device)
     metrics, top_texts = _metrics(sets, cfg)
-    metrics["eval_seconds"] = time.perf_counter() - start
-    write_json(metrics_path, metrics)
+    metrics_path = Path(metrics_path)
+    write_json(metrics_path, {short: metrics[key] for short, key in HEADLINE.items() if key in metrics})
+    write_json(details_path or metrics_path.with_name(f"{metrics_path.stem}_details.json"), metrics)
+    write_provenance(provenance_path or beside(metrics_path), "evaluate", eval_seconds=time.perf_counter() - start)
     _write_plots(Path(plots_dir), sets)
     _write_report(Path(samples_path), sets, metrics, top_texts, ev.n_samples)
     return metrics

@@ -19,6 +19,7 @@ import pandas as pd
 
 from nla.errors import NLAError
 from nla.io import write_json
+from nla.provenance import beside, write_provenance
 
 N_OFFENDING = 5  # offending rows kept per expectation in the report
 N_MESSAGE = 3  # ... and shown in the error message
@@ -156,8 +157,13 @@ def finish_gate(
     started: float,
     rows: int,
     details: dict[str, Any],
+    provenance_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Write the report (always) and raise QualityGateError when any expectation failed."""
+    """Write the report (always) and raise QualityGateError when any expectation failed.
+
+    The report holds results only; the time the gate took goes to `provenance_path` (default:
+    `<report>_provenance.json` beside it), so a rerun on the same data writes the same report.
+    """
     failed = [s for s in summaries if not s["success"]]
     report = {
         "gate": gate,
@@ -165,11 +171,13 @@ def finish_gate(
         "rows": rows,
         "evaluated": len(summaries),
         "failed": [s["name"] for s in failed],
-        "elapsed_s": round(time.perf_counter() - started, 3),
         "details": _plain(details),
         "expectations": summaries,
     }
     write_json(report_path, report)
+    write_provenance(
+        provenance_path or beside(report_path), f"{gate} gate", elapsed_s=round(time.perf_counter() - started, 3)
+    )
     if failed:
         reasons = " | ".join(_describe_failure(s) for s in failed)
         raise QualityGateError(

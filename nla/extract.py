@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from nla.models import (
     residual_and_final,
     residual_at,
 )
+from nla.provenance import beside, write_provenance
 from nla.sidecar import make_meta, read_sidecar, write_sidecar
 
 
@@ -135,9 +137,15 @@ def check_finite(rows: pd.DataFrame) -> None:
 
 
 def run_extract(
-    cfg: NLAConfig, documents_path: str | Path, out_dir: str | Path, work_dir: str | Path = "data/work/extract"
+    cfg: NLAConfig,
+    documents_path: str | Path,
+    out_dir: str | Path,
+    work_dir: str | Path = "data/work/extract",
+    *,
+    provenance_path: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Extract activations for every document, resuming from finished shards."""
+    """Extract activations for every document, resuming from finished shards; the time taken goes to provenance."""
+    started = time.perf_counter()
     docs = read_table(documents_path)
     model, tokenizer, source = load_model(cfg.model)
     check_layer(model, cfg.model.layer)
@@ -178,6 +186,10 @@ def run_extract(
         ),
     )
     shutil.rmtree(shard_dir, ignore_errors=True)  # the final table is written: shards are no longer needed
+    seconds = time.perf_counter() - started
+    write_provenance(
+        provenance_path or beside(out_dir), "extract", seconds=round(seconds, 1), rows_per_s=len(table) / seconds
+    )
     return table
 
 

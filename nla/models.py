@@ -298,6 +298,20 @@ def load_model(cfg: ModelConfig, *, for_training: bool = False):
     return model, tokenizer, source
 
 
+def pin_adapter_config(peft_model: nn.Module) -> None:
+    """Make the adapter config a PEFT model is about to save the same bytes in every run.
+
+    PEFT keeps `target_modules` as a set, written in an order that changes with the process's hash
+    seed, and records the base as the folder it loaded from (a cache path that differs between
+    machines): sort the one and drop the other. The sidecar names the base; a name PEFT cannot
+    find locally would also send it to the Hub on every save.
+    """
+    for config in peft_model.peft_config.values():
+        config.base_model_name_or_path = None
+        if isinstance(config.target_modules, set):
+            config.target_modules = sorted(config.target_modules)
+
+
 # ----------------------------------------------------------------------------- reading the residual stream
 
 

@@ -1,25 +1,27 @@
-"""The publish stage: one Hub-ready folder per model (AV and AR); upload only when enabled.
+"""The publish stage: one Hub-ready folder per model (AV and AR); it never uploads.
 
 Each folder holds safetensors weights, the tokenizer, the checkpoint's `nla_meta.yaml` and a
 model card (README.md) whose YAML header carries base_model, library_name, tags, the layer,
-the injection and the eval results (model-index) from the metrics file. The AV is merged
-into full weights when `publish.merge_weights` (a plain transformers model: `load_av` needs
-no base model for it), else it ships as adapter + base reference. The AR always ships as
-adapter (or backbone) + head + ū + base reference: it is a truncated copy of the base model
-whose loader rebuilds the architecture from the base anyway, so merging would only inflate
-the upload. Every folder loads back with `load_av` / `load_ar`. With ``layout="kitft"`` (`nla
-publish --format kitft`) the folders are written in the paper's released layout instead
-(`nla.interop.write_kitft`: full AV weights, a truncated AR model and ``value_head.safetensors``,
-a public model sidecar that embeds ours), so the reference clients can load them too; `NLA.load`
-reads either.
+the injection, which weights the folder holds and the eval results (model-index) from the
+metrics file. With `publish.merge_weights` (the default) both models ship merged full weights:
+the AV as a plain transformers model, the AR as its truncated backbone (`backbone.safetensors`)
+with head and ū. Those are the weights that were trained, whatever the base: the embedded
+model's adapters were trained on the dequantised Q4_1 GGUF, whose weights differ from the
+Hub's `HuggingFaceTB/SmolLM2-135M-Instruct`, so an adapter applied to the Hub weights would
+silently give another model. Without merging they ship as adapters, and the card says which
+base weights they need. Every folder loads back with `load_av` / `load_ar`.
+With ``layout="kitft"`` (`nla publish --format kitft`) the folders are written in the paper's
+released layout instead (`nla.interop.write_kitft`: full AV weights, a truncated AR model and
+``value_head.safetensors``, a public model sidecar that embeds ours), so the reference clients
+can load them too; `NLA.load` reads either.
 
-Dry run by default. Uploading needs `publish.enabled: true` and a token in the environment
-variable named by `publish.token_env`; the token is read there, passed to `HfApi`, and never
-written anywhere.
+Uploading is a separate step, `nla upload` (`nla.upload`), taken only when the key metric
+improved; the DVC stage builds folders and nothing else.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -27,17 +29,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from nla.ar import load_ar
 from nla.av import load_av
 from nla.config import NLAConfig
 from nla.errors import NLAError
-from nla.interop import read_meta, write_kitft
+from nla.interop import write_kitft
 from nla.io import atomic_dir, atomic_write_text, write_json
-from nla.sidecar import SIDECAR_NAME, read_sidecar, write_sidecar
+from nla.sidecar import read_sidecar, write_sidecar
+from nla.upload import ROLES, SUMMARY_NAME, hub_base_model, repo_name
 
-ROLES = ("av", "ar")
 CARD_NAME = "README.md"
-SUMMARY_NAME = "publish.json"
-HUB_IDS = {"embedded": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # Hub id to cite for a local alias
 TAGS = {"av": "activation-verbalizer", "ar": "activation-reconstructor"}
 ROLE_TEXT = {
     "av": "activation verbalizer (AV): reads a residual-stream activation vector injected at a marker token "
@@ -47,22 +48,7 @@ ROLE_TEXT = {
 NOT_PUBLISHED = {"merged"}  # av_sft.merge's extra copy: the published AV is merged or an adapter, never both
 
 
-# ----------------------------------------------------------------------------- naming and metrics
-
-
-def hub_base_model(name: str) -> str | None:
-    """The Hub id to cite as base_model: aliases mapped, `owner/name` ids kept, local paths dropped."""
-    if name in HUB_IDS:
-        return HUB_IDS[name]
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
-        return name
-    return None
-
-
-def repo_name(cfg: NLAConfig, meta: dict[str, Any], role: str) -> str:
-    """e.g. nla-smollm2-135m-instruct-l20-av (namespace added at upload)."""
-    base = (hub_base_model(meta["base_model"]) or Path(meta["base_model"]).stem).split("/")[-1]
-    return re.sub(r"[^a-z0-9._-]+", "-", f"{cfg.publish.repo_prefix}-{base}-l{meta['layer']}-{role}".lower())
+# ----------------------------------------------------------------------------- metrics
 
 
 def eval_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -91,12 +77,18 @@ def _copy_files(src: Path, dest: Path) -> None:
             shutil.copy2(path, dest / path.name)
 
 
-def _point_adapter_at_hub(dest: Path, meta: dict[str, Any]) -> None:
-    """PEFT records the base as a local path; the published adapter names the Hub id instead."""
-    config_path, hub_id = dest / "adapter_config.json", hub_base_model(meta["base_model"])
-    if config_path.is_file() and hub_id:
+def hub_weights(meta: dict[str, Any]) -> bool:
+    """Whether the base weights are the Hub's own: not a dequantised GGUF (the embedded model) nor a local folder."""
+    return str(meta.get("base_model_fingerprint", "")).startswith("hf:")
+
+
+def _name_adapter_base(dest: Path, meta: dict[str, Any]) -> None:
+    """PEFT records the base as a local path. A published adapter names the Hub id only when it was
+    trained on the Hub's weights; otherwise no base, so PEFT refuses instead of loading other weights."""
+    config_path = dest / "adapter_config.json"
+    if config_path.is_file():
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        config["base_model_name_or_path"] = hub_id
+        config["base_model_name_or_path"] = hub_base_model(meta["base_model"]) if hub_weights(meta) else None
         atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
 
 
@@ -117,18 +109,34 @@ def export_av(checkpoint: Path, dest: Path, merge: bool) -> dict[str, Any]:
         av.save(dest, meta)  # the one AV save: full weights now, so `weights: full`
         return av.meta
     _copy_files(checkpoint, dest)
-    _point_adapter_at_hub(dest, meta)
+    _name_adapter_base(dest, meta)
     write_sidecar(dest, meta)
     return meta
 
 
-def export_ar(checkpoint: Path, dest: Path) -> dict[str, Any]:
-    """Write the AR folder (adapter or backbone, head, ū, tokenizer, sidecar); returns its sidecar."""
+def export_ar(checkpoint: Path, dest: Path, merge: bool) -> dict[str, Any]:
+    """Write the AR folder (backbone or adapter, head, ū, tokenizer, sidecar); returns its sidecar.
+
+    With `merge`, a LoRA AR ships as its truncated backbone with the adapter merged in
+    (`finetune: full`), which `load_ar` reads like a fully fine-tuned one, plus the `config.json`
+    of that truncated backbone, so plain transformers can rebuild it (`AutoModel.from_config`,
+    the final norm replaced by the identity, then `backbone.safetensors`).
+    """
     meta = read_sidecar(checkpoint)
     if meta.get("role") != "ar":
         raise NLAError(f"{checkpoint} holds a {meta.get('role')!r} model, not an AR; pass the AR checkpoint folder")
+    if meta.get("finetune") == "lora" and merge:
+        ar = load_ar(checkpoint, "cpu")
+        ar.backbone = ar.backbone.merge_and_unload()
+        ar.save(dest, {"finetune": "full", "merged_from": "lora"})
+        config = copy.deepcopy(ar.backbone.config)
+        config.num_hidden_layers = blocks = meta.get("blocks_kept", meta["layer"] + 1)
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:blocks]
+        config.save_pretrained(dest)
+        return ar.meta
     _copy_files(checkpoint, dest)
-    _point_adapter_at_hub(dest, meta)
+    _name_adapter_base(dest, meta)
     return meta
 
 
@@ -156,6 +164,32 @@ ar = load_any_ar(snapshot_download("{repo_id}"))  # this project's layout or the
 v_hat = ar.reconstruct(["A news report about a cricket match; the next word is likely a player's name."])
 print(v_hat.shape)  # (1, {d}): the reconstructed output of block {layer} of {base}
 ```'''
+
+
+def weights_kind(meta: dict[str, Any]) -> str:
+    """'merged', 'adapter' or 'full' (fine-tuned without an adapter)."""
+    if meta.get("merged_from"):
+        return "merged"
+    return "adapter" if meta.get("weights") == "adapter" or meta.get("finetune") == "lora" else "full"
+
+
+def weights_text(meta: dict[str, Any]) -> str:
+    """Which weights the folder holds and which base weights they come from: what a user must load."""
+    fingerprint, hub_id = str(meta.get("base_model_fingerprint", "")), hub_base_model(meta["base_model"])
+    if fingerprint.startswith("gguf:"):
+        base = f"the dequantised GGUF `{fingerprint.split(':')[1]}` (float32, as `nla` loads it)"
+        if hub_id:
+            base += f", whose weights differ from the Hub's `{hub_id}`"
+    elif fingerprint.startswith("hf:"):
+        base = f"`{hub_id or meta['base_model']}` from the Hub"
+    else:
+        base = f"the local model `{meta['base_model']}`"
+    kind = weights_kind(meta)
+    if kind == "merged":
+        return f"merged: the trained weights themselves, the LoRA adapter merged into {base}"
+    if kind == "adapter":
+        return f"LoRA adapter, trained on {base}: apply it to those weights only"
+    return f"fully fine-tuned weights, starting from {base}"
 
 
 def model_card(role: str, meta: dict[str, Any], repo_id: str, metrics: dict[str, float]):
@@ -195,6 +229,8 @@ def model_card(role: str, meta: dict[str, Any], repo_id: str, metrics: dict[str,
             "injection": {k: injection.get(k) for k in ("mode", "scale", "karvonen_block") if k in injection} or None,
             "marker": (meta.get("marker") or {}).get("char"),
             "base_model_source": meta["base_model"],
+            "base_weights": meta.get("base_model_fingerprint"),
+            "weights": weights_kind(meta),
         },
     )
     table = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items()) or "| (no metrics file) | |"
@@ -211,6 +247,18 @@ def model_card(role: str, meta: dict[str, Any], repo_id: str, metrics: dict[str,
         if role == "av"
         else "n/a (the AR reads text)"
     )
+    plain = ""
+    if role == "av" and weights_kind(meta) != "adapter":
+        plain = (
+            " The folder is also a plain transformers model (`AutoModelForCausalLM.from_pretrained(folder)`);"
+            " `nla` adds the vector at the marker."
+        )
+    elif role == "ar" and weights_kind(meta) == "merged":
+        plain = (
+            " Without `nla`: `config.json` + `backbone.safetensors` are blocks 0..K of the base"
+            " (`AutoModel.from_config`, then `model.norm = torch.nn.Identity()` and `load_state_dict`);"
+            " `head.safetensors` maps its last-token state, on the `prompts.ar_template` prompt, to the vector."
+        )
     body = f"""
 # {repo_id.split("/")[-1]}
 
@@ -221,7 +269,8 @@ explained (FVE) of the unit vectors on held-out rows.
 
 {headline}
 
-- stage: `{meta.get("stage")}`, weights: `{meta.get("weights", meta.get("finetune"))}`
+- stage: `{meta.get("stage")}`
+- weights: {weights_text(meta)}
 - injection: {injection_text}
 - prompts and marker: verbatim in `nla_meta.yaml`, which `load_av` / `load_ar` check against the live tokenizer
 
@@ -233,7 +282,7 @@ explained (FVE) of the unit vectors on held-out rows.
 
 ## Usage
 
-Needs the `nla` package (this project) and the subject model {subject}.
+Needs the `nla` package (this project) and the subject model {subject}.{plain}
 
 {_usage(role, repo_id, meta)}
 """
@@ -251,47 +300,7 @@ def check_card(path: Path, role: str, metrics: dict[str, float]) -> None:
         raise NLAError(f"{path}: the model card did not round-trip through huggingface_hub; report this as a bug")
 
 
-# ----------------------------------------------------------------------------- upload
-
-
-def published_folders(out_dir: str | Path) -> dict[str, Path]:
-    """{role: folder} of a publish output directory."""
-    out_dir = Path(out_dir)
-    folders = {role: out_dir / role for role in ROLES if (out_dir / role / SIDECAR_NAME).is_file()}
-    if not folders:
-        raise NLAError(f"{out_dir} holds no published model folders; run the publish stage first (`nla publish`)")
-    return folders
-
-
-def upload_folders(cfg: NLAConfig, folders: dict[str, Path]) -> dict[str, str]:
-    """Create (if needed) and upload one Hub repo per folder; returns {role: commit url}."""
-    token = os.environ.get(cfg.publish.token_env, "").strip()
-    if not token:
-        raise NLAError(
-            f"uploading needs a Hub token in the environment variable {cfg.publish.token_env}; "
-            f"export it (never write it into params.yaml), or set publish.enabled: false for a dry run"
-        )
-    if not cfg.publish.namespace:
-        raise NLAError(
-            "uploading needs publish.namespace (your Hub user or organisation) so the model cards name "
-            "the right repo; set it in params.yaml and rerun the publish stage"
-        )
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    urls = {}
-    for role, folder in folders.items():
-        meta = read_meta(folder)  # this project's sidecar, also when the folder is in the released layout
-        repo_id = f"{cfg.publish.namespace}/{repo_name(cfg, meta, role)}"
-        api.create_repo(repo_id, repo_type="model", private=cfg.publish.private, exist_ok=True)
-        info = api.upload_folder(
-            repo_id=repo_id,
-            repo_type="model",
-            folder_path=str(folder),
-            commit_message=f"nla publish: {role} layer {meta['layer']}",
-        )
-        urls[role] = str(getattr(info, "commit_url", info))
-    return urls
+# ----------------------------------------------------------------------------- secrets
 
 
 def assert_no_secret(folder: Path, secret: str | None) -> None:
@@ -310,7 +319,7 @@ def assert_no_secret(folder: Path, secret: str | None) -> None:
 def run_publish(
     cfg: NLAConfig, checkpoints: dict[str, Path], metrics_path: str | Path, out_dir: str | Path, layout: str = "nla"
 ) -> dict:
-    """Build a Hub-ready folder per model under `out_dir` (atomically); upload when `publish.enabled`.
+    """Build a Hub-ready folder per model under `out_dir` (atomically); uploading is `nla upload`.
 
     checkpoints: {"av": AV checkpoint folder, "ar": AR checkpoint folder} (typically the RL ones).
     layout: "nla" (this project's folders) or "kitft" (the released layout, see the module docstring).
@@ -323,19 +332,14 @@ def run_publish(
     metrics_path = Path(metrics_path)
     metrics = eval_metrics(json.loads(metrics_path.read_text(encoding="utf-8"))) if metrics_path.is_file() else {}
     namespace = cfg.publish.namespace or "<your-hub-user>"  # dry run without a namespace: a placeholder
-    summary: dict[str, Any] = {
-        "upload": "enabled" if cfg.publish.enabled else "dry run",
-        "layout": layout,
-        "models": {},
-    }
+    summary: dict[str, Any] = {"layout": layout, "models": {}}
     with atomic_dir(out_dir) as tmp:
         for role, checkpoint in checkpoints.items():
             checkpoint = Path(checkpoint)
             dest = tmp / role
             ours = dest if layout == "nla" else tmp / f".{role}.nla"
-            meta = (
-                export_av(checkpoint, ours, cfg.publish.merge_weights) if role == "av" else export_ar(checkpoint, ours)
-            )
+            export = export_av if role == "av" else export_ar
+            meta = export(checkpoint, ours, cfg.publish.merge_weights)
             if layout == "kitft":
                 meta = write_kitft(ours, read_sidecar(ours), dest)
                 shutil.rmtree(ours)
@@ -345,11 +349,9 @@ def run_publish(
             summary["models"][role] = {
                 "repo_id": repo_id,
                 "source": str(checkpoint),
-                "weights": meta.get("weights", meta.get("finetune")),
+                "weights": weights_kind(meta),
                 "files": sorted(p.name for p in dest.iterdir()),
             }
         assert_no_secret(tmp, os.environ.get(cfg.publish.token_env))
         write_json(tmp / SUMMARY_NAME, summary)
-    if cfg.publish.enabled:
-        summary["uploaded"] = upload_folders(cfg, published_folders(out_dir))
     return summary

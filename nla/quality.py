@@ -84,10 +84,15 @@ def activation_frame(activations_dir: str | Path, splits_dir: str | Path) -> pd.
 
 
 def validate_activations(
-    cfg: NLAConfig, activations_dir: str | Path, splits_dir: str | Path, report_path: str | Path
+    cfg: NLAConfig,
+    activations_dir: str | Path,
+    splits_dir: str | Path,
+    report_path: str | Path,
+    *,
+    provenance_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Gate on the activations table and its splits; returns the report, raises QualityGateError on failure."""
-    started = time.perf_counter()  # the report's elapsed_s includes the GX import
+    started = time.perf_counter()  # the gate's time (its provenance) includes the GX import
     import great_expectations.expectations as gxe
 
     q = cfg.quality
@@ -188,7 +193,7 @@ def validate_activations(
         "split_rows": {str(k): int(v) for k, v in frame.split.value_counts().items()},
         "documents": int(frame.doc_id.nunique()),
     }
-    return finish_gate("activations", summaries, report_path, started, len(frame), details)
+    return finish_gate("activations", summaries, report_path, started, len(frame), details, provenance_path)
 
 
 # ----------------------------------------------------------------------------- explanations
@@ -230,10 +235,15 @@ def explanation_frame(labels_dir: str | Path, tokenizer) -> pd.DataFrame:
 
 
 def validate_explanations(
-    cfg: NLAConfig, labels_dir: str | Path, report_path: str | Path, *, tokenizer=None
+    cfg: NLAConfig,
+    labels_dir: str | Path,
+    report_path: str | Path,
+    *,
+    tokenizer=None,
+    provenance_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Gate on the warm-start explanations; `tokenizer` defaults to the subject model's (cfg.model)."""
-    started = time.perf_counter()  # the report's elapsed_s includes the GX import
+    started = time.perf_counter()  # the gate's time (its provenance) includes the GX import
     import great_expectations.expectations as gxe
 
     q, inj = cfg.quality, cfg.injection
@@ -342,4 +352,4 @@ def validate_explanations(
         "marker_regex": marker,
         "malformed_regex": malformed,
     }
-    return finish_gate("explanations", summaries, report_path, started, len(frame), details)
+    return finish_gate("explanations", summaries, report_path, started, len(frame), details, provenance_path)

@@ -62,7 +62,8 @@ from nla.errors import NLAError
 from nla.io import atomic_dir, atomic_path, write_json
 from nla.metrics import fve_nrm, mse_nrm, unit
 from nla.models import autocast, model_autocast
-from nla.sidecar import make_meta, read_sidecar
+from nla.provenance import beside, write_provenance
+from nla.sidecar import make_meta
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "state.pt"
@@ -72,7 +73,7 @@ EVAL_LOG_FILE = "rl_eval.csv"
 METRICS_FILE = "rl_metrics.json"
 LOG_FIELDS = ["step", "reward_mean", "reward_std", "mse_mean", "fve_batch", "kl", "clip_frac", "len_mean"]
 LOG_FIELDS += ["capped_frac", "malformed_frac", "marker_echo_frac", "distinct_frac", "zero_adv_groups", "entropy"]
-LOG_FIELDS += ["skipped_updates", "ar_loss", "loss", "generate_seconds", "seconds"]
+LOG_FIELDS += ["skipped_updates", "ar_loss", "loss"]  # the log's timings go to nla.provenance
 EVAL_FIELDS = ["step", "fve_heldout", "mse_heldout", "len_mean", "malformed_frac"]
 
 
@@ -423,25 +424,50 @@ def rl_fingerprint(cfg: RLConfig, *parts: object) -> str:
     return hashlib.sha256(json.dumps([params, *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def summarize(state: RLState, seconds: float) -> dict[str, float]:
+def summarize(state: RLState) -> dict[str, float]:
     """Headline numbers: held-out FVE before/after, reward at the start and end (means of a tenth of the steps)."""
     log, evals = state.log, state.eval_log
     k = max(1, len(log) // 10)
-    metrics: dict[str, float] = {"steps": state.step, "seconds": round(seconds, 1)}
+    metrics: dict[str, float] = {"steps": state.step}
     if log:
         metrics |= {
             "reward_first": float(np.mean([e["reward_mean"] for e in log[:k]])),
             "reward_last": float(np.mean([e["reward_mean"] for e in log[-k:]])),
             "kl_last": log[-1]["kl"],
             "len_mean_last": log[-1]["len_mean"],
-            "seconds_per_step": float(np.mean([e["seconds"] for e in log])),
-            "generate_share": float(
-                sum(e["generate_seconds"] for e in log) / max(sum(e["seconds"] for e in log), 1e-9)
-            ),
         }
     if evals:
         metrics |= {"fve_heldout_start": evals[0]["fve_heldout"], "fve_heldout_end": evals[-1]["fve_heldout"]}
     return metrics
+
+
+def timings(state: RLState, seconds: float) -> dict[str, float]:
+    """Where the time went (run facts for nla.provenance): per step, and the share spent generating."""
+    log = state.log
+    facts = {"seconds": round(seconds, 1)}
+    if log:
+        total = sum(e["seconds"] for e in log)
+        facts |= {
+            "seconds_per_step": total / len(log),
+            "generate_share": sum(e["generate_seconds"] for e in log) / max(total, 1e-9),
+        }
+    return facts
+
+
+def headline(metrics: dict[str, float]) -> dict[str, float]:
+    """What `dvc metrics show` lists for rl: the reward at the start and at the end of training."""
+    return {"reward0": metrics["reward_first"], "reward": metrics["reward_last"]} if "reward_last" in metrics else {}
+
+
+def checkpoint_digest(folder: str | Path) -> str:
+    """A hash of every file in a checkpoint folder (names and bytes): the run's identity, whatever its age."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def run_rl(
@@ -456,12 +482,14 @@ def run_rl(
     log_path: str | Path | None = None,
     eval_log_path: str | Path | None = None,
     metrics_path: str | Path | None = None,
+    provenance_path: str | Path | None = None,
 ) -> dict:
     """RL on the rl split from the SFT AV and AR; writes `out_dir/av`, `out_dir/ar` and the logs.
 
     Logs default to `out_dir/rl_log.csv` (per step), `out_dir/rl_eval.csv` (held-out FVE)
-    and `out_dir/rl_metrics.json`. A crashed run resumes from `work_dir` when rerun with the
-    same inputs and params; a finished run removes its checkpoint.
+    and `out_dir/rl_metrics.json` (the headline; the sidecars' `training` holds every metric
+    returned here), the timings to `<out_dir>_provenance.json`. A crashed run resumes from
+    `work_dir` when rerun with the same inputs and params; a finished run removes its checkpoint.
     """
     rl, out_dir = cfg.rl, Path(out_dir)
     av = load_av(av_dir, cfg.model.device, layer=cfg.model.layer, trainable=True)
@@ -484,8 +512,8 @@ def run_rl(
     mean_unit = ar.mean_unit if ar.mean_unit is not None else unit(train_vectors).mean(dim=0)
 
     ref = reference_log_probs(av, av_dir, rl.temperature)
-    sidecars = [read_sidecar(av_dir).get("created_at"), read_sidecar(ar_dir).get("created_at")]
-    fingerprint = rl_fingerprint(rl, sidecars, train.row_id.tolist(), held.row_id.tolist())
+    inputs = [checkpoint_digest(av_dir), checkpoint_digest(ar_dir)]
+    fingerprint = rl_fingerprint(rl, inputs, train.row_id.tolist(), held.row_id.tolist())
     start = time.perf_counter()
     state = train_rl(
         av,
@@ -499,7 +527,8 @@ def run_rl(
         fingerprint=fingerprint,
         autocast_dtype=model_autocast(av.model, cfg.model.autocast),
     )
-    metrics = summarize(state, time.perf_counter() - start)
+    metrics = summarize(state)
+    seconds = time.perf_counter() - start
 
     parents = [str(av_dir), str(ar_dir), str(activations_dir), str(splits_dir)]
     training = {**rl.model_dump(), **metrics}
@@ -508,6 +537,7 @@ def run_rl(
     ar.save(out_dir / "ar", {"stage": "rl", "parents": parents, "training": training})
     write_csv(log_path or out_dir / LOG_FILE, state.log, LOG_FIELDS)
     write_csv(eval_log_path or out_dir / EVAL_LOG_FILE, state.eval_log, EVAL_FIELDS)
-    write_json(metrics_path or out_dir / METRICS_FILE, metrics)
+    write_json(metrics_path or out_dir / METRICS_FILE, headline(metrics))
+    write_provenance(provenance_path or beside(out_dir), "rl", **timings(state, seconds))
     shutil.rmtree(Path(work_dir) / CHECKPOINT, ignore_errors=True)  # done: a rerun starts over, as `dvc repro` expects
     return metrics

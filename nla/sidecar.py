@@ -1,7 +1,9 @@
 """`nla_meta.yaml`: the sidecar that travels with every dataset table and checkpoint.
 
 It records everything a consumer needs to use an artifact correctly (model identity,
-d_model, layer, marker, injection, prompts, parents, git commit). Readers call
+d_model, layer, marker, injection, prompts, parents), and nothing that differs between two
+runs of identical inputs (clock, host, git commit: those go to `nla.provenance`), so a
+rerun writes the same bytes and DVC's cascade stops there. Readers call
 `require` against the live model/tokenizer and refuse to run on a mismatch: it is the one
 compatibility contract, called by every loader and stage. `base_model_config` turns an
 artifact's sidecar back into the `ModelConfig` of the subject model it was built from.
@@ -9,8 +11,6 @@ artifact's sidecar back into the `ModelConfig` of the subject model it was built
 
 from __future__ import annotations
 
-import datetime as dt
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,6 @@ KINDS = ("nla_dataset", "nla_model")
 REQUIRED_KEYS = ("kind", "schema_version", "stage", "base_model", "d_model", "layer")
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def make_meta(kind: str, stage: str, **fields: Any) -> dict[str, Any]:
     """A sidecar dict with the common keys filled; `fields` adds or overrides the rest."""
     if kind not in KINDS:
@@ -42,8 +34,6 @@ def make_meta(kind: str, stage: str, **fields: Any) -> dict[str, Any]:
         "kind": kind,
         "schema_version": SCHEMA_VERSION,
         "stage": stage,
-        "git_commit": git_commit(),
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     meta.update(fields)
     return meta

@@ -12,7 +12,7 @@ from embedded_pipeline import SETTINGS, shared_run
 
 from nla.config import NLAConfig
 from nla.errors import NLAError
-from nla.evaluate import position_bucket, run_evaluate
+from nla.evaluate import HEADLINE, position_bucket, run_evaluate
 from nla.metrics import cosine, derangement, fve_denominator, fve_nrm, mse_nrm, unit
 
 
@@ -107,8 +107,12 @@ def test_evaluate_writes_every_metric_plot_and_sample(embedded_run, tmp_path):
         tmp_path / "plots",
         tmp_path / "samples.md",
     )
-    saved = json.loads((tmp_path / "metrics" / "eval.json").read_text())
+    saved = json.loads((tmp_path / "metrics" / "eval_details.json").read_text())
     assert saved == pytest.approx(metrics)
+    headline = json.loads((tmp_path / "metrics" / "eval.json").read_text())  # what `dvc metrics show` lists
+    assert headline == pytest.approx({short: metrics[key] for short, key in HEADLINE.items()})
+    assert not [k for k in saved if "seconds" in k]  # timings go to the provenance file
+    assert "eval_seconds" in json.loads((tmp_path / "metrics" / "eval_provenance.json").read_text())
     for key in (
         "fve_ar_gold",
         "fve_roundtrip_sft",

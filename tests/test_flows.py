@@ -51,7 +51,7 @@ elif step == "gate" and value < 0:
 elif step == "evaluate":
     for d in ("metrics", "reports"):
         pathlib.Path(d).mkdir(exist_ok=True)
-    json.dump({"fve_roundtrip_sft": value / 10, "fve_ar_gold": 0.5}, open("metrics/eval.json", "w"))
+    json.dump({"fve_sft": value / 10, "fve_ar_gold": 0.5}, open("metrics/eval.json", "w"))
     pathlib.Path("reports/samples.md").write_text("| row | explanation |\\n|---|---|\\n| 0 | a cricket report |\\n")
 elif step == "publish":
     for role in ("av", "ar"):
@@ -217,17 +217,17 @@ def test_failure_message_is_the_stages_own_line():
 
 
 def test_metrics_diff_and_improvement_follow_dvc_semantics():
-    old = {"fve_roundtrip_rl": 0.40, "controls": {"fve_shuffled": -0.1}}
-    new = {"fve_roundtrip_rl": 0.45, "controls": {"fve_shuffled": -0.2}, "fve_ar_gold": 0.5}
+    old = {"fve_rl": 0.40, "controls": {"fve_shuffled": -0.1}}
+    new = {"fve_rl": 0.45, "controls": {"fve_shuffled": -0.2}, "fve_ar_gold": 0.5}
     diff = metrics_diff(new, old)
-    assert diff["fve_roundtrip_rl"] == pytest.approx({"old": 0.40, "new": 0.45, "diff": 0.05})
+    assert diff["fve_rl"] == pytest.approx({"old": 0.40, "new": 0.45, "diff": 0.05})
     assert diff["controls.fve_shuffled"]["diff"] == pytest.approx(-0.1)
     assert diff["fve_ar_gold"] == {"old": None, "new": 0.5, "diff": None}
     assert improvement(new, old)[0] and not improvement(old, new)[0]
-    assert improvement({"fve_roundtrip_sft": 0.2}, None) == (True, "fve_roundtrip_sft = 0.2000; nothing published yet")
+    assert improvement({"fve_sft": 0.2}, None) == (True, "fve_sft = 0.2000; nothing published yet")
     assert not improvement({"rows": 3}, None)[0]  # no key metric: never publish
     table = metrics_markdown(diff, "x", {"evaluate": "ran"})
-    assert "| fve_roundtrip_rl | 0.4500 | 0.4000 | +0.0500 |" in table
+    assert "| fve_rl | 0.4500 | 0.4000 | +0.0500 |" in table
 
 
 # ----------------------------------------------------------------------------- ephemeral API (no server)
@@ -295,9 +295,9 @@ def test_flow_reruns_nothing_unchanged_and_publishes_only_on_improvement(
         "nla-test/nla-smollm2-135m-instruct-l20-ar",
     ]
     assert all(c["token"] == token and Path(c["folder"]).parent == project / "data/publish" for c in uploads)
-    assert json.loads((project / PUBLISHED_METRICS_FILE).read_text())["fve_roundtrip_sft"] == pytest.approx(0.3)
+    assert json.loads((project / PUBLISHED_METRICS_FILE).read_text())["fve_sft"] == pytest.approx(0.3)
     arts = artifacts_of(state.state_details.flow_run_id)
-    assert "| fve_roundtrip_sft | 0.3000 | — | — |" in arts["nla-metrics"]
+    assert "| fve_sft | 0.3000 | — | — |" in arts["nla-metrics"]
     assert "a cricket report" in arts["nla-samples"]
 
     hub_calls.clear()
@@ -308,10 +308,7 @@ def test_flow_reruns_nothing_unchanged_and_publishes_only_on_improvement(
     state = nla_pipeline(project_dir=str(project), publish=True, return_state=True)
     third = state.result()
     assert third["improved"] and len([c for c in hub_calls if "upload" in c]) == 2
-    assert (
-        "| fve_roundtrip_sft | 0.5000 | 0.3000 | +0.2000 |"
-        in artifacts_of(state.state_details.flow_run_id)["nla-metrics"]
-    )
+    assert "| fve_sft | 0.5000 | 0.3000 | +0.2000 |" in artifacts_of(state.state_details.flow_run_id)["nla-metrics"]
     leaked = [p for p in project.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
     assert leaked == []
 
@@ -410,9 +407,9 @@ def test_served_deployment_registers_its_schedule_and_a_triggered_run_completes(
         print(f"served run finished in {time.perf_counter() - start:.1f} s: {finished.state}")
     assert finished.state.is_completed(), (tmp_path / "serve.log").read_text()[-3000:]
     arts = artifacts_of(flow_run.id)
-    assert "| fve_roundtrip_sft | 0.4000 | — | — |" in arts["nla-metrics"]
+    assert "| fve_sft | 0.4000 | — | — |" in arts["nla-metrics"]
     assert "a cricket report" in arts["nla-samples"]
-    assert json.loads((project / "metrics/eval.json").read_text())["fve_roundtrip_sft"] == pytest.approx(0.4)
+    assert json.loads((project / "metrics/eval.json").read_text())["fve_sft"] == pytest.approx(0.4)
 
 
 @pytest.mark.slow

@@ -38,6 +38,7 @@ from nla.label.backends.openai import OpenAIClient, retry_delay
 from nla.label.parse import parse_response
 from nla.label.prompt import chat_messages, context_of, fill
 from nla.label.stage import FAILED_FILE, STATS_FILE
+from nla.provenance import beside
 from nla.sidecar import make_meta, read_sidecar, write_sidecar
 
 RANGES = NLAConfig().injection.marker_ranges
@@ -100,10 +101,12 @@ def dataset(tmp_path):
 
 
 def outputs(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Explanations, failed rows, and the stats: the counts of the output plus the run's facts (provenance)."""
+    stats = json.loads((out / STATS_FILE).read_text())
     return (
         read_table(out / EXPLANATIONS_FILE),
         read_table(out / FAILED_FILE),
-        json.loads((out / STATS_FILE).read_text()),
+        {**stats, **json.loads(beside(out).read_text())},
     )
 
 

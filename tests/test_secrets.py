@@ -143,7 +143,7 @@ def test_no_token_is_written_anywhere(tmp_path):
             outputs += [result.stdout, result.stderr]
         result = run_stage(project, "label", env)  # the server answers 401 unless the key from the env was sent
         outputs += [result.stdout, result.stderr]
-        stats = (project / "data/labels/label_stats.json").read_text()
+        stats = (project / "reports/provenance/label.json").read_text()  # the run's status codes
         assert '"200"' in stats and '"401"' not in stats, stats
         # Echoed prompts are no well-formed analyses: keep these outputs for the scan, train on baseline labels.
         (project / "data/labels").rename(project / "data/labels-openai")

@@ -4,8 +4,13 @@ Outputs in `out_dir`, written together or not at all:
 
     explanations.parquet   row_id, doc_id, split, explanation, backend, n_features
     failed.parquet         row_id, reason, raw (the first RAW_KEEP characters)
-    label_stats.json       counts, failure reasons, timing, cache hits, requests, retries
+    label_stats.json       counts and failure reasons
     nla_meta.yaml          the activations' sidecar plus what produced the labels (never the API key)
+
+How this run went (timing, cache hits, requests, retries, status codes, tokens generated)
+goes to a provenance file instead (`nla.provenance`): a rerun answered from the cache then
+writes the same four files, and DVC reruns nothing downstream of a change to, say,
+`label.openai.concurrency`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from nla.label.backends import BACKENDS, BackendStats
 from nla.label.backends.openai import redact_url
 from nla.label.parse import ANALYSIS_CLOSE, ANALYSIS_OPEN, FEATURE_SEP, parse_response
 from nla.label.prompt import FEW_SHOT, context_of
+from nla.provenance import beside, write_provenance
 from nla.sidecar import make_meta, read_sidecar, write_sidecar
 
 log = logging.getLogger(__name__)
@@ -61,8 +67,18 @@ def labeler_description(cfg: NLAConfig, model: str) -> dict[str, Any]:
     return desc
 
 
-def run_label(cfg: NLAConfig, activations_dir: str | Path, splits_dir: str | Path, out_dir: str | Path) -> pd.DataFrame:
-    """Label the rows of `label.splits`; write explanations, failed rows, stats and the sidecar."""
+def run_label(
+    cfg: NLAConfig,
+    activations_dir: str | Path,
+    splits_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    provenance_path: str | Path | None = None,
+) -> pd.DataFrame:
+    """Label the rows of `label.splits`; write explanations, failed rows, stats and the sidecar.
+
+    The run's own facts go to `provenance_path` (default: `<out_dir>_provenance.json` beside it).
+    """
     lab = cfg.label
     unknown = sorted(set(lab.splits) - set(ROW_SPLITS))
     if unknown or not lab.splits:
@@ -112,6 +128,8 @@ def run_label(cfg: NLAConfig, activations_dir: str | Path, splits_dir: str | Pat
         "labeled_by_split": {s: int((explanations.split == s).sum()) for s in lab.splits if (rows.split == s).any()},
         "backend": lab.backend,
         "model": stats.model,
+    }
+    run_facts = {
         "seconds": round(elapsed, 3),
         "rows_per_s": round(len(rows) / max(elapsed, 1e-9), 3),
         "cache_hits": stats.cache_hits,
@@ -139,5 +157,6 @@ def run_label(cfg: NLAConfig, activations_dir: str | Path, splits_dir: str | Pat
         write_table(tmp / FAILED_FILE, failed)
         write_json(tmp / STATS_FILE, label_stats)
         write_sidecar(tmp, meta)
+    write_provenance(provenance_path or beside(out_dir), "label", **run_facts)
     log.info("labeled %d/%d rows (%s), failed %s", len(explanations), len(rows), lab.backend, dict(reasons))
     return explanations
