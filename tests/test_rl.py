@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nla.config import RLConfig
-from nla.rl import clipped_objective, group_advantages, k3_kl, shaped_rewards
+from nla.grpo import clipped_objective, group_advantages, k3_kl, shaped_rewards
 
 
 def test_group_advantages_known_numbers():
@@ -445,7 +445,7 @@ def test_a_non_finite_loss_skips_the_update():
 
 
 def test_duplicate_share_within_groups():
-    from nla.rl import duplicate_share
+    from nla.grpo import duplicate_share
 
     shares = duplicate_share(["a", "a", "a", "b", "x", "y", "z", "w"], group_size=4)
     assert shares.tolist() == pytest.approx([2 / 3, 2 / 3, 2 / 3, 0.0, 0.0, 0.0, 0.0, 0.0])
