@@ -40,20 +40,26 @@ def token_kind(token: str) -> str:
     return "the middle of a word"
 
 
-def baseline_response(context: str, token: str) -> str:
-    """A deterministic analysis from the text: topic words, the last few words, the final token."""
+def context_features(context: str) -> list[str]:
+    """The two features read off the text: its topic words and its last few words (ties keep first-seen order)."""
     words = re.findall(r"[A-Za-z][A-Za-z'-]+", context)
     content = [w.lower() for w in words if len(w) > 2 and w.lower() not in STOPWORDS]
-    topics = [w for w, _ in Counter(content).most_common(3)]  # ties keep first-seen order
+    topics = [w for w, _ in Counter(content).most_common(3)]
     recent = " ".join(context.split()[-5:-1]) or "(none)"
+    return [f"Topic: {', '.join(topics)}." if topics else "Topic: none yet.", f'Before: "{recent}".']
+
+
+def analysis_block(features: list[str]) -> str:
+    """Features as the `<analysis>` block every backend returns, so one parser judges them all."""
+    return f"{ANALYSIS_OPEN}\n" + "\n".join(f"- {f}" for f in features) + f"\n{ANALYSIS_CLOSE}"
+
+
+def baseline_response(context: str, token: str) -> str:
+    """A deterministic analysis from the text: topic words, the last few words, the final token."""
     # Compact on purpose: short labels are easier for the AR to read back (measured: the AR's FVE on
     # terse "Final token ... Context ..." labels was far higher than on sentence-style ones).
-    features = [
-        f"Topic: {', '.join(topics)}." if topics else "Topic: none yet.",
-        f'Before: "{recent}".',
-        f"Final token: {json.dumps(token.strip() or token, ensure_ascii=False)} ({token_kind(token)}).",
-    ]
-    return f"{ANALYSIS_OPEN}\n" + "\n".join(f"- {f}" for f in features) + f"\n{ANALYSIS_CLOSE}"
+    final = f"Final token: {json.dumps(token.strip() or token, ensure_ascii=False)} ({token_kind(token)})."
+    return analysis_block([*context_features(context), final])
 
 
 def label_baseline(

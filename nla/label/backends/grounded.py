@@ -14,44 +14,29 @@ in the same forward that produced the activation). A copy of the context cannot 
 from __future__ import annotations
 
 import json
-import re
-from collections import Counter
 
 from tqdm.auto import tqdm
 
 from nla.config import NLAConfig
 from nla.errors import NLAError
 from nla.label.backends.base import BackendStats, Result
-from nla.label.backends.baseline import STOPWORDS
-from nla.label.parse import ANALYSIS_CLOSE, ANALYSIS_OPEN
+from nla.label.backends.baseline import analysis_block, context_features
 
 N_NEXT = 3  # predictions named in the final-token feature
-N_TOPIC = 3
 
 
 def _quoted(token: str) -> str:
     return json.dumps(token.strip() or token, ensure_ascii=False)
 
 
-def topic_words(context: str, k: int = N_TOPIC) -> list[str]:
-    """The k most frequent content words of the context (ties in first-seen order)."""
-    words = re.findall(r"[A-Za-z][A-Za-z'-]+", context)
-    return [w for w, _ in Counter(w.lower() for w in words if len(w) > 2 and w.lower() not in STOPWORDS).most_common(k)]
-
-
 def grounded_response(context: str, token: str, next_tokens: list[str]) -> str:
-    """The `<analysis>` block the other backends return too, so one parser judges them all."""
-    topics = topic_words(context)
+    """The text's two features, then the final token with what the subject model predicts after it."""
     predicted: list[str] = []
     for t in next_tokens:
         if (q := _quoted(t)) not in predicted:  # " the" and "the" read alike
             predicted.append(q)
-    features = [
-        f"Topic: {', '.join(topics)}." if topics else "Topic: none yet.",
-        f'Before: "{" ".join(context.split()[-5:-1]) or "(none)"}".',
-        f"Final token {_quoted(token)}; next likely: {', '.join(predicted[:N_NEXT])}.",
-    ]
-    return f"{ANALYSIS_OPEN}\n" + "\n".join(f"- {f}" for f in features) + f"\n{ANALYSIS_CLOSE}"
+    final = f"Final token {_quoted(token)}; next likely: {', '.join(predicted[:N_NEXT])}."
+    return analysis_block([*context_features(context), final])
 
 
 def label_grounded(
