@@ -7,6 +7,8 @@ backend. One `dvc repro` builds it for the whole module; each test then checks o
 
 - a rerun of a stage on the same inputs writes the same bytes, so a change to a runtime knob of
   the labeler (`label.openai.concurrency`) reruns `label` and nothing downstream;
+- retraining av_sft and ar_sft on the same inputs leaves `git status` clean (same checkpoints);
+- no output holds a run fact (clock, commit, timing): those are in the git-ignored provenance files;
 - a local-directory DVC remote serves a fresh clone: `dvc pull`, then nothing to reproduce;
 - the README's "Comparing runs" commands work as written and fit a 160-column terminal.
 """
