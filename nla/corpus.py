@@ -196,7 +196,8 @@ def build_corpus(cfg: CorpusConfig) -> tuple[pd.DataFrame, dict]:
     """The documents table (training corpus, then the foreign set) and what cleaning removed."""
     train, counts = deduplicate(_clean(_source_docs(cfg), cfg), cfg.dedup_jaccard)
     if not train:
-        raise NLAError(f"no document of at least {cfg.min_chars} characters in {cfg.source}; lower corpus.min_chars")
+        where = cfg.source if cfg.source == "embedded" or cfg.source.startswith("hf:") else Path(cfg.source).name
+        raise NLAError(f"no document of at least {cfg.min_chars} characters in {where}; lower corpus.min_chars")
     train = _sample(train, cfg.max_docs, cfg.seed, "train")
     foreign = [
         d for name, per in cfg.foreign.items() for d in documents(name, cfg.chunk_chars, cfg.min_chars, per, cfg.seed)
