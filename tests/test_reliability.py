@@ -308,7 +308,7 @@ def test_huge_and_empty_documents_are_cut_or_dropped(tmp_path):
         {"text": GOOD_DOC.decode()},
     ]
     source = write_corpus(project, "c.jsonl", "\n".join(json.dumps(r) for r in records).encode())
-    make_project(project, {"corpus": {"source": source, "max_chars": 5000}})
+    make_project(project, {"corpus": {"source": source, "max_chars": 5000, "foreign": {}}})
     assert nla(project, "corpus").returncode == 0
     from nla.io import read_table
 
