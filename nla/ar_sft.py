@@ -242,12 +242,9 @@ def run_ar_sft(
 
 
 def headline(log: list[dict[str, float]]) -> dict[str, float]:
-    """What `dvc metrics show` lists for ar_sft: the loss (mse_nrm) at the start and at the end, as for av_sft."""
+    """What `dvc metrics show` lists for ar_sft: the loss (mse_nrm) at the end, as for av_sft."""
     k = max(1, len(log) // 10)
-    return {
-        "ar_loss0": float(np.mean([r["loss"] for r in log[:k]])),
-        "ar_loss": float(np.mean([r["loss"] for r in log[-k:]])),
-    }
+    return {"ar_loss": float(np.mean([r["loss"] for r in log[-k:]]))}
 
 
 def _write_log(path: Path, log: list[dict[str, float]]) -> None:

@@ -27,7 +27,7 @@ def _provenance(stage: str) -> Path:
 def _stage_corpus(cfg: NLAConfig, args) -> None:
     from nla.corpus import run_corpus
 
-    docs = run_corpus(cfg.corpus, P.documents, Path(P.metrics) / "corpus.json")
+    docs = run_corpus(cfg.corpus, P.documents, Path(P.reports) / "corpus.json")
     print(f"corpus: {len(docs)} documents -> {P.documents}")
 
 

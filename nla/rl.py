@@ -393,8 +393,8 @@ def timings(state: RLState, seconds: float) -> dict[str, float]:
 
 
 def headline(metrics: dict[str, float]) -> dict[str, float]:
-    """What `dvc metrics show` lists for rl: the reward at the start and at the end of training."""
-    return {"reward0": metrics["reward_first"], "reward": metrics["reward_last"]} if "reward_last" in metrics else {}
+    """What `dvc metrics show` lists for rl: the reward at the end of training (the start is in the plots)."""
+    return {"reward": metrics["reward_last"]} if "reward_last" in metrics else {}
 
 
 def checkpoint_digest(folder: str | Path) -> str:
