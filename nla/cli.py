@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from nla.config import PATHS, NLAConfig, load_config, set_param
 from nla.errors import NLAError
+from nla.interrupt import exit_interrupted, install_signal_handlers
 from nla.lock import workspace_lock
 
 P = PATHS
@@ -187,7 +189,7 @@ def _explain(args) -> None:
     if args.vectors:
         records = explain_vectors(args.vectors, args.av, args.ar, **common)
     elif args.text:
-        records = explain(args.text, positions, args.av, args.ar, **common)
+        records = explain(args.text, positions, args.av, args.ar, max_tokens=args.max_tokens, **common)
     else:
         raise NLAError("nothing to explain; pass a text or --vectors FILE")
     if args.json:
@@ -217,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--profile", default=None, help="overlay profiles/<name>.yaml on the params")
+    parser.add_argument(
+        "--defaults", action="store_true", help="accept an empty params file (every setting at its default)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in STAGES.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
@@ -234,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--av", "--model", dest="av", help="AV checkpoint folder (default: RL if present, else SFT)")
     ex.add_argument("--ar", help="AR checkpoint folder, for the round-trip FVE")
     ex.add_argument("--max-new-tokens", type=int, default=48)
+    ex.add_argument("--max-tokens", type=int, default=512, help="window read per text (longer: its last tokens)")
     ex.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     ex.add_argument("--json", action="store_true", help="one JSON record per line")
     pr = sub.add_parser(
@@ -247,21 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    install_signal_handlers(f"nla {args.command}")  # SIGINT and SIGTERM unwind the stage, then exit 130 / 143
     try:
         if args.command == "explain":
             _explain(args)
         elif args.command == "profile":
             _profile(args)
         else:
-            cfg = load_config(args.params, args.profile)
+            cfg = load_config(args.params, args.profile, allow_empty=args.defaults)
             with workspace_lock(Path(args.params).resolve().parent, f"nla {args.command}"):
                 STAGES[args.command][0](cfg, args)
     except NLAError as err:
         print(f"nla {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"nla {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # `Interrupted` (SIGINT, SIGTERM) or a KeyboardInterrupt from elsewhere
+        exit_interrupted(f"nla {args.command}", getattr(err, "signum", signal.SIGINT))
     return 0
 
 

@@ -19,7 +19,7 @@ from nla.av import load_av
 from nla.config import NLAConfig
 from nla.data import labeled_rows, vectors_of
 from nla.errors import NLAError
-from nla.io import atomic_path, atomic_write_text, write_json
+from nla.io import atomic_path, atomic_write_text, check_weight_files, write_json
 from nla.metrics import derangement, fve_denominator, fve_from_mse, mse_nrm
 from nla.models import release_memory
 from nla.sidecar import read_sidecar
@@ -98,6 +98,9 @@ def run_evaluate(
     paths = {k: _checkpoint(checkpoints, k) for k in ("av_sft", "ar_sft", "av_rl", "ar_rl")}
     if (paths["av_rl"] is None) != (paths["ar_rl"] is None):
         raise NLAError("give both av_rl and ar_rl checkpoints (an RL pair) or neither")
+    for path in filter(None, paths.values()):  # every checkpoint whole before any work, not after the first pair
+        read_sidecar(path)
+        check_weight_files(path)
     data_meta = read_sidecar(activations_dir)
     rows = eval_rows(activations_dir, splits_dir, labels_dir, ev.max_rows)
     if len(rows) < 2:

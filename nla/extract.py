@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from nla.config import NLAConfig
 from nla.data import ACTIVATIONS_FILE, SPLIT_NAMES, SPLITS_FILE, pad_batch
 from nla.errors import NLAError
 from nla.io import read_table, write_table
-from nla.models import check_layer, d_model, load_model, residual_at
+from nla.models import check_layer, context_length, d_model, load_model, residual_at
 from nla.sidecar import make_meta, read_sidecar, write_sidecar
+
+log = logging.getLogger(__name__)
 
 
 def stable_seed(*parts: object) -> int:
@@ -101,6 +104,32 @@ def check_finite(rows: pd.DataFrame) -> None:
         raise NLAError(f"non-finite activations in rows {bad}; use float32 (model.dtype) or another layer")
 
 
+def check_window(model, tokenizer, docs: pd.DataFrame, max_tokens: int) -> None:
+    """Refuse a window longer than the model's context; say how many documents the window cuts.
+
+    Documents are read through their first `extract.max_tokens` tokens (positions are sampled
+    there), a choice, not an accident: the warning says how much of the corpus it leaves unread.
+    """
+    context = context_length(model)
+    if context is not None and max_tokens > context:
+        raise NLAError(
+            f"extract.max_tokens={max_tokens} is longer than the model's context of {context} tokens; "
+            f"set extract.max_tokens to at most {context}"
+        )
+    lengths = [len(ids) for ids in tokenizer(list(docs.text), add_special_tokens=True)["input_ids"]]
+    cut = sum(n > max_tokens for n in lengths)
+    if cut:
+        log.warning(
+            "%d of %d documents are longer than extract.max_tokens=%d and are read through their first %d tokens "
+            "(the longest has %d); raise extract.max_tokens to read more of them",
+            cut,
+            len(lengths),
+            max_tokens,
+            max_tokens,
+            max(lengths),
+        )
+
+
 def run_extract(
     cfg: NLAConfig, documents_path: str | Path, out_dir: str | Path, work_dir: str | Path = "data/work/extract"
 ) -> pd.DataFrame:
@@ -108,6 +137,7 @@ def run_extract(
     docs = read_table(documents_path)
     model, tokenizer, source = load_model(cfg.model)
     check_layer(model, cfg.model.layer)
+    check_window(model, tokenizer, docs, cfg.extract.max_tokens)
     key = _config_key(cfg, source.fingerprint, docs)
     shard_dir = Path(work_dir) / key
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -159,10 +189,30 @@ def assign_splits(doc_ids: list[str], fractions: dict[str, float], seed: int) ->
     return assignment
 
 
-def run_split(cfg: NLAConfig, activations_dir: str | Path, out_dir: str | Path) -> pd.DataFrame:
+def run_split(
+    cfg: NLAConfig, activations_dir: str | Path, out_dir: str | Path, needed: tuple[str, ...] = SPLIT_NAMES
+) -> pd.DataFrame:
+    """Assign documents to splits; refuse a `needed` split with no share, warn about one that got none.
+
+    Every split feeds a later stage of the pipeline (av_sft, ar_sft, rl, and eval for evaluate
+    and the quality gate), so an empty one would pass here and fail stages later; a partial
+    pipeline (a test, a notebook) names the splits it uses in `needed`.
+    """
+    empty = [name for name in needed if cfg.split.fractions[name] == 0]
+    if empty:
+        raise NLAError(
+            f"split.fractions gives {empty} a share of 0, but the {'/'.join(empty)} stage needs documents; "
+            "give every split a positive fraction (the four sum to 1)"
+        )
     table = read_table(Path(activations_dir) / ACTIVATIONS_FILE, columns=["row_id", "doc_id"])
     assignment = assign_splits(table.doc_id.tolist(), cfg.split.fractions, cfg.split.seed)
     table["split"] = table.doc_id.map(assignment)
+    if missing := [name for name in needed if name not in set(assignment.values())]:
+        log.warning(
+            "splits %s got no document of %d (too few documents for split.fractions); raise corpus.max_docs",
+            missing,
+            len(set(assignment)),
+        )
     write_table(Path(out_dir) / SPLITS_FILE, table)
     meta = read_sidecar(activations_dir)
     meta.update(

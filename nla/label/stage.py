@@ -4,7 +4,7 @@ Outputs in `out_dir`, written together or not at all:
 
     explanations.parquet   row_id, doc_id, split, explanation, backend, n_features
     failed.parquet         row_id, reason, raw (the first RAW_KEEP characters)
-    label_stats.json       counts, failure reasons, timing, cache hits, requests, retries
+    label_stats.json       counts, failure reasons, timing, cache hits, requests, retries and their seconds
     nla_meta.yaml          the activations' sidecar plus what produced the labels (never the API key)
 """
 
@@ -25,6 +25,7 @@ from nla.io import atomic_dir, write_json, write_table
 from nla.label.backends import BACKENDS, BackendStats
 from nla.label.backends.openai import redact_url
 from nla.label.parse import ANALYSIS_CLOSE, ANALYSIS_OPEN, FEATURE_SEP, parse_response
+from nla.label.progress import LabelProgress
 from nla.label.prompt import FEW_SHOT, context_of
 from nla.sidecar import make_meta, read_sidecar, write_sidecar
 
@@ -75,7 +76,11 @@ def run_label(cfg: NLAConfig, activations_dir: str | Path, splits_dir: str | Pat
 
     started = time.perf_counter()
     stats = BackendStats()
-    results = BACKENDS[lab.backend](cfg, contexts, tokens, stats)
+    stats.progress = progress = LabelProgress(cfg, len(rows), stats)
+    try:
+        results = BACKENDS[lab.backend](cfg, contexts, tokens, stats)
+    finally:
+        progress.close()
     elapsed = time.perf_counter() - started
 
     good, bad = [], []
@@ -116,10 +121,13 @@ def run_label(cfg: NLAConfig, activations_dir: str | Path, splits_dir: str | Pat
         "cache_hits": stats.cache_hits,
         "requests": stats.requests,
         "retries": stats.retries,
+        "retry_seconds": round(stats.retry_seconds, 3),
         "status_codes": dict(sorted(stats.status_codes.items())),
         "peak_inflight": stats.peak_inflight,
         "generated_tokens": stats.generated_tokens,
     }
+    if lab.backend == "openai":
+        label_stats["retry_budget_s"] = lab.openai.retry_budget_s
     meta = read_sidecar(activations_dir)
     meta.update(
         make_meta(
