@@ -15,6 +15,7 @@ and stay resident. The CLI's `nla explain` and `nla.explain.explain` are thin ca
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,8 +28,10 @@ from nla.data import pad_batch
 from nla.errors import NLAError
 from nla.interop import load_any_ar, load_any_av
 from nla.metrics import mse_nrm
-from nla.models import load_model, residual_at
+from nla.models import context_length, load_model, residual_at
 from nla.sidecar import base_model_config, require
+
+log = logging.getLogger(__name__)
 
 Positions = list[int] | Literal["all"] | None
 
@@ -56,6 +59,39 @@ def resolve_positions(n_tokens: int, positions: Positions, special: list[bool]) 
             raise NLAError(f"position {p} is outside a text of {n_tokens} tokens; use 0..{n_tokens - 1} or negative")
         out.append(q)
     return out
+
+
+def check_texts(texts: list[str]) -> None:
+    """Refuse empty texts (no token to explain) and non-strings before any model loads."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise NLAError(f"text {i} is a {type(text).__name__}, not a string; pass texts as str")
+        if not text:
+            raise NLAError(f"text {i} is empty; pass some text to explain")
+
+
+def text_window(
+    ids: list[int], wanted: list[int], width: int, has_head: bool, index: int, positions: Positions
+) -> tuple[list[int], int, list[int]]:
+    """What the model reads of one text: (token ids, shift, the positions kept).
+
+    The model reads the text up to its last wanted position. When that is more than `width`
+    tokens, it reads the `width` tokens that end there (a token's activation depends only on the
+    tokens before it), its leading special token (BOS) kept in front; position p of the text is
+    index p - shift of what it reads. With positions='all', positions before the window are
+    dropped; one asked for by index there is refused.
+    """
+    head = int(has_head)
+    end = max(wanted) + 1
+    first = max(end - (width - head), head)  # the first position of the text inside the window
+    early = [p for p in wanted if p < first]
+    if early and positions != "all":
+        raise NLAError(
+            f"position {early[0]} of text {index} is outside its {width}-token window (positions {first}..{end - 1}, "
+            f"ending at the last one asked for); ask for positions fewer than {width} tokens apart, or raise "
+            "max_tokens (at most the model's context)"
+        )
+    return ids[:head] + ids[first:end], first - head, [p for p in wanted if p >= first]
 
 
 @dataclass
@@ -110,26 +146,51 @@ class NLA:
     def read(
         self, texts: list[str], positions: Positions = None, *, max_tokens: int = 512, batch_size: int = 16
     ) -> tuple[torch.Tensor, list[Site]]:
-        """Residual vectors at the AV's layer for the requested positions: ((N, d) float32 cpu, sites)."""
+        """Residual vectors at the AV's layer for the requested positions: ((N, d) float32 cpu, sites).
+
+        Texts stream through in batches: each batch is tokenized, read, and only its (k, d) vectors
+        are kept, so memory does not grow with the number of texts. A text longer than the window
+        (`max_tokens`, at most the model's context) is read through the window that ends at its
+        last requested position (`text_window`), with a warning; sites keep the full text's positions.
+        """
+        check_texts(texts)
         model, tokenizer = self.subject()
+        width = min(max_tokens, context_length(model) or max_tokens)
         special_ids = set(tokenizer.all_special_ids)
-        encoded = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_tokens)["input_ids"]
         device = next(model.parameters()).device
-        vectors, sites = [], []
-        for start in range(0, len(encoded), batch_size):
-            batch = encoded[start : start + batch_size]
-            for r, row in enumerate(batch):
-                if not row:
-                    raise NLAError(f"text {start + r} is empty; pass some text to explain")
-            ids, mask = pad_batch(batch, tokenizer.pad_token_id)  # (b, longest), right-padded
-            hidden = residual_at(model, self.layer, ids.to(device), mask.to(device)).float().cpu()  # (b, T, d)
-            for r, row in enumerate(batch):
-                for p in resolve_positions(len(row), positions, [t in special_ids for t in row]):
-                    vectors.append(hidden[r, p])
-                    sites.append(Site(texts[start + r], p, tokenizer.decode([row[p]])))
-        if not vectors:
+        vectors, sites, windowed = [], [], []
+        for start in range(0, len(texts), batch_size):
+            encoded = tokenizer(texts[start : start + batch_size], add_special_tokens=True)["input_ids"]
+            rows, picks = [], []  # picks: (batch row, index in what the model reads)
+            for r, ids in enumerate(encoded):
+                if not ids:
+                    raise NLAError(f"text {start + r} has no tokens; pass some text to explain")
+                wanted = resolve_positions(len(ids), positions, [t in special_ids for t in ids])
+                read, shift, wanted = text_window(ids, wanted, width, ids[0] in special_ids, start + r, positions)
+                if shift:
+                    windowed.append(start + r)
+                rows.append(read)
+                picks += [(r, p - shift) for p in wanted]
+                sites += [Site(texts[start + r], p, tokenizer.decode([ids[p]])) for p in wanted]
+            if not picks:
+                continue
+            ids, mask = pad_batch(rows, tokenizer.pad_token_id)  # (b, longest), right-padded
+            hidden = residual_at(model, self.layer, ids.to(device), mask.to(device))  # (b, T, d)
+            at = torch.tensor(picks, device=device)  # (k, 2)
+            vectors.append(hidden[at[:, 0], at[:, 1]].float().cpu())  # (k, d): a copy, so `hidden` is freed
+        if windowed:
+            log.warning(
+                "%d of %d texts are longer than the %d-token window (max_tokens, at most the model's context); "
+                "each was read through the %d tokens ending at its last explained position, e.g. text %d",
+                len(windowed),
+                len(texts),
+                width,
+                width,
+                windowed[0],
+            )
+        if not sites:
             raise NLAError("no token positions to explain (every token is special); pass longer text")
-        return torch.stack(vectors), sites
+        return torch.cat(vectors), sites
 
     def activations(self, texts: list[str] | str, positions: Positions = None, **kwargs) -> torch.Tensor:
         """(N, d) residual vectors at the sidecar's layer; positions as in `resolve_positions`."""

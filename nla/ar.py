@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from nla.config import NLAConfig
 from nla.data import pad_batch
 from nla.errors import NLAError
-from nla.io import atomic_dir
+from nla.io import atomic_dir, check_weight_files
 from nla.metrics import MSE_NORMALISATION, fve_denominator, mse_nrm, unit
 from nla.models import (
     check_layer,
@@ -341,6 +341,7 @@ def load_ar(checkpoint_dir: str | Path, device: str = "auto", *, meta: dict[str,
     missing = [name for name in (weights, HEAD_FILE) if not (folder / name).is_file()]
     if missing:
         raise NLAError(f"{folder} lacks {missing}; the checkpoint is incomplete: copy the whole folder or rerun ar_sft")
+    check_weight_files(folder)
     base = base_model_config(meta, device)
     require(meta, where=where, fingerprint=resolve_source(base.name, base.gguf_file, base.revision).fingerprint)
     model, live_tokenizer, _ = load_model(base)

@@ -39,7 +39,7 @@ from nla.config import InjectionConfig, ModelConfig, PromptConfig
 from nla.data import pad_batch
 from nla.errors import NLAError
 from nla.injection import ActivationInjector, Marker, anchor_marker, choose_marker_char
-from nla.io import atomic_dir
+from nla.io import atomic_dir, check_weight_files
 from nla.models import check_layer, d_model, load_model, load_tokenizer, pin_adapter_config, resolve_source
 from nla.sampling import Decoder, MergedCopy
 from nla.sidecar import base_model_config, read_sidecar, require, sidecar_path, write_sidecar
@@ -346,6 +346,7 @@ def load_av(
         raise NLAError(
             f"{ckpt} has no {' or '.join(expected)}: the checkpoint is incomplete; rebuild it (dvc repro av_sft)"
         )
+    check_weight_files(ckpt)
     if weights == "adapter":
         base = base_model_config(meta, device)
         require(meta, where=where, fingerprint=resolve_source(base.name, base.gguf_file, base.revision).fingerprint)

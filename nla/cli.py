@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from nla.config import PATHS, NLAConfig, load_config, set_param
 from nla.errors import NLAError
+from nla.interrupt import exit_interrupted, install_signal_handlers
 from nla.lock import workspace_lock
 
 P = PATHS
@@ -215,11 +217,16 @@ SAMPLE_TEMPERATURE, SAMPLE_NEW_TOKENS, GREEDY_NEW_TOKENS = 1.0, 200, 48  # --sam
 
 
 def _explain(args) -> None:
-    from nla.explain import explain, explain_vectors, format_records, load_nla
+    from nla.api import check_texts
+    from nla.explain import explain, explain_vectors, format_records, load_nla, load_vectors
     from nla.interop import describe
 
     if not args.vectors and not args.text:
         raise NLAError("nothing to explain; pass a text or --vectors FILE")
+    if args.vectors:
+        vectors = load_vectors(args.vectors)  # its shape and NaN checks, before the models load
+    else:
+        check_texts(args.text)  # before the models load
     positions = "all" if args.all else (args.position or None)
     temperature = args.temperature if args.temperature is not None else SAMPLE_TEMPERATURE if args.sample else 0.0
     new_tokens = args.max_new_tokens or (SAMPLE_NEW_TOKENS if args.sample else GREEDY_NEW_TOKENS)
@@ -227,7 +234,10 @@ def _explain(args) -> None:
     loaded = f"AV: {describe(nla.av.meta)}" + (f"; AR: {describe(nla.ar.meta)}" if nla.ar is not None else "")
     print(f"nla explain: {loaded}", file=sys.stderr)
     common = dict(max_new_tokens=new_tokens, temperature=temperature, nla=nla)
-    records = explain_vectors(args.vectors, **common) if args.vectors else explain(args.text, positions, **common)
+    if args.vectors:
+        records = explain_vectors(vectors, **common)
+    else:
+        records = explain(args.text, positions, max_tokens=args.max_tokens, **common)
     if args.json:
         for record in records:
             print(json.dumps(record.to_dict()))
@@ -305,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--profile", default=None, help="overlay profiles/<name>.yaml on the params")
+    parser.add_argument(
+        "--defaults", action="store_true", help="accept an empty params file (every setting at its default)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in STAGES.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
@@ -342,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"default {GREEDY_NEW_TOKENS}; with --sample {SAMPLE_NEW_TOKENS}",
     )
+    ex.add_argument("--max-tokens", type=int, default=512, help="window read per text (longer: its last tokens)")
     ex.add_argument("--temperature", type=float, default=None, help="0: greedy (the default without --sample)")
     ex.add_argument(
         "--sample", action="store_true", help=f"sample as the reference clients do: temperature {SAMPLE_TEMPERATURE:g}"
@@ -395,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    install_signal_handlers(f"nla {args.command}")  # SIGINT and SIGTERM unwind the stage, then exit 130 / 143
     try:
         if args.command == "explain":
             _explain(args)
@@ -405,15 +420,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "convert":
             _convert(args)
         else:
-            cfg = load_config(args.params, args.profile)
+            cfg = load_config(args.params, args.profile, allow_empty=args.defaults)
             with workspace_lock(Path(args.params).resolve().parent, f"nla {args.command}"):
                 STAGES[args.command][0](cfg, args)
     except NLAError as err:
         print(f"nla {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"nla {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # `Interrupted` (SIGINT, SIGTERM) or a KeyboardInterrupt from elsewhere
+        exit_interrupted(f"nla {args.command}", getattr(err, "signum", signal.SIGINT))
     return 0
 
 

@@ -7,6 +7,7 @@ a default. Profiles (``profiles/<name>.yaml``) are partial overlays merged on to
 
 from __future__ import annotations
 
+import codecs
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,12 @@ class OpenAIBackendConfig(Section):
     max_retries: int = Field(5, ge=0)
     backoff_s: float = Field(1.0, ge=0)
     max_tokens: int = Field(256, ge=16)  # completion budget per request (a strong labeler writes more than 135M)
+    # The circuit breaker: a server that keeps failing stops the run (finished rows stay cached) instead of
+    # costing every remaining row its full retries.
+    max_consecutive_failures: int = Field(20, ge=0)  # requests failing in a row that stop the run; 0: never
+    failure_window: int = Field(50, ge=1)  # the last N requests over which max_failure_rate is judged
+    max_failure_rate: float = Field(0.8, gt=0, le=1)  # stop when more of the window failed; 1: never
+    retry_budget_s: float = Field(600.0, ge=0)  # seconds all rows together may spend on retries; then no more
 
 
 class LabelConfig(Section):
@@ -342,17 +349,38 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+BOMS = (  # longest first: the UTF-32 LE mark starts with the UTF-16 LE one
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    """UTF-8 text (a leading BOM dropped); a UTF-16/32 file (as some Windows editors save) says so."""
+    name = next((name for bom, name in BOMS if raw.startswith(bom)), None)
+    half = len(raw) // 2
+    if name is None and half and max(raw[0::2].count(0), raw[1::2].count(0)) > 0.9 * half:
+        name = "UTF-16"  # without a BOM: ASCII text in UTF-16 has a NUL in every other byte
+    if name:
+        raise NLAError(f"{path} is {name}, not UTF-8; save it as UTF-8 (e.g. `iconv -f {name} -t UTF-8`)")
+    return raw.decode("utf-8-sig")
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(_decode(path, path.read_bytes())) or {}
     except FileNotFoundError:
         raise NLAError(f"{path}: file not found; run from the project root or pass --params") from None
     except IsADirectoryError:
         raise NLAError(f"{path} is a folder, not a params file; pass the YAML file with --params") from None
     except OSError as err:
         raise NLAError(f"{path}: cannot read ({err.strerror}); check the path and its permissions") from None
+    except UnicodeDecodeError as err:
+        raise NLAError(f"{path} is not UTF-8 (byte {err.start}); save it as UTF-8") from None
     # ValueError: an impossible date such as 2024-02-30; RecursionError: absurdly deep nesting.
-    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as err:
+    except (yaml.YAMLError, ValueError, RecursionError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise NLAError(f"{path}: not valid YAML ({first}); fix the syntax") from None
     if not isinstance(data, dict):
@@ -376,10 +404,21 @@ def config_from_dict(data: dict[str, Any], source: str = "params") -> NLAConfig:
         raise NLAError(format_validation_error(err, source)) from None
 
 
-def load_config(params_path: str | os.PathLike = PARAMS_FILE, profile: str | None = None) -> NLAConfig:
-    """Load params.yaml, optionally overlaid with profiles/<profile>.yaml."""
+def load_config(
+    params_path: str | os.PathLike = PARAMS_FILE, profile: str | None = None, *, allow_empty: bool = False
+) -> NLAConfig:
+    """Load params.yaml, optionally overlaid with profiles/<profile>.yaml.
+
+    An empty (or comment-only) params file is refused unless `allow_empty` (`nla --defaults`): it
+    is far more often a truncated or wrongly saved file than a wish for every default.
+    """
     params_path = Path(params_path)
     data = _read_yaml(params_path)
+    if not data and not allow_empty:
+        raise NLAError(
+            f"{params_path} has no settings (empty or only comments); write the sections to change, "
+            "or pass --defaults to run with every default"
+        )
     if profile:
         profile_path = params_path.parent / PROFILE_DIR / f"{profile}.yaml"
         if not profile_path.exists():

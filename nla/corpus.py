@@ -40,6 +40,9 @@ def _read_text(path: Path) -> str:
 
 
 def _texts_from_file(path: Path, text_field: str) -> list[str]:
+    if path.is_dir():
+        what = "an empty directory" if not any(path.iterdir()) else "a directory"
+        raise NLAError(f"corpus.source {path} is {what}; point it to one .txt, .jsonl or .parquet file")
     if not path.is_file():
         raise NLAError(f"corpus file {path} not found; check corpus.source")
     suffix = path.suffix.lower()
@@ -61,7 +64,9 @@ def _texts_from_file(path: Path, text_field: str) -> list[str]:
             texts.append(record[text_field])
         return texts
     if suffix == ".parquet":
-        frame = read_table(path)
+        frame = read_table(
+            path, fix="it is the corpus.source file: repair or re-export it, or point corpus.source elsewhere"
+        )
         if text_field not in frame.columns:
             raise NLAError(f"{path} has no column '{text_field}' (has {list(frame.columns)}); set corpus.text_field")
         return [str(t) for t in frame[text_field]]
@@ -70,13 +75,31 @@ def _texts_from_file(path: Path, text_field: str) -> list[str]:
 
 def _texts_from_hub(dataset_id: str, cfg: CorpusConfig) -> list[str]:
     from datasets import load_dataset
+    from huggingface_hub import constants
 
-    stream = load_dataset(dataset_id, cfg.hf_config, split=cfg.hf_split, streaming=True)
     texts = []
-    for record in stream:
-        texts.append(record[cfg.text_field])
-        if len(texts) >= cfg.max_docs * 2:  # headroom for documents dropped as too short
-            break
+    try:
+        for record in load_dataset(dataset_id, cfg.hf_config, split=cfg.hf_split, streaming=True):
+            if cfg.text_field not in record:
+                raise NLAError(
+                    f"hf:{dataset_id} has no field '{cfg.text_field}' (has {list(record)}); set corpus.text_field"
+                )
+            texts.append(record[cfg.text_field])
+            if len(texts) >= cfg.max_docs * 2:  # headroom for documents dropped as too short
+                break
+    except NLAError:
+        raise
+    except Exception as err:  # the Hub client's many types: ConnectionError, DatasetNotFoundError, HTTP errors, ...
+        first = (str(err).splitlines() or [""])[0]
+        if constants.HF_HUB_OFFLINE:
+            raise NLAError(
+                f"corpus.source hf:{dataset_id} is not in the local datasets cache and HF_HUB_OFFLINE is set; unset it "
+                "or use a local .txt, .jsonl or .parquet file as corpus.source"
+            ) from None
+        raise NLAError(
+            f"cannot load hf:{dataset_id} from the Hugging Face Hub ({type(err).__name__}: {first}); check the "
+            "network and the dataset id, or use a local .txt, .jsonl or .parquet file as corpus.source"
+        ) from None
     return texts
 
 

@@ -41,7 +41,7 @@ from nla.av import base_av, load_av
 from nla.config import NLAConfig
 from nla.data import FOREIGN, labeled_rows, vectors_of
 from nla.errors import NLAError
-from nla.io import atomic_path, atomic_write_text, write_json
+from nla.io import atomic_path, atomic_write_text, check_weight_files, write_json
 from nla.label.backends.baseline import STOPWORDS, baseline_response
 from nla.label.parse import FEATURE_SEP, parse_response
 from nla.label.prompt import context_of
@@ -242,6 +242,9 @@ def run_evaluate(
     paths = {k: _checkpoint(checkpoints, k) for k in ("av_sft", "ar_sft", "av_rl", "ar_rl")}
     if (paths["av_rl"] is None) != (paths["ar_rl"] is None):
         raise NLAError("give both av_rl and ar_rl checkpoints (an RL pair) or neither")
+    for path in filter(None, paths.values()):  # every checkpoint whole before any work, not after the first pair
+        read_sidecar(path)
+        check_weight_files(path)
     data_meta = read_sidecar(activations_dir)
     held = eval_rows(activations_dir, splits_dir, labels_dir, "eval", ev.max_rows)
     if len(held) < 2:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from nla.api import NLA, Positions, Site
+from nla.api import NLA, Positions, Site, check_texts
 from nla.config import PATHS
 from nla.data import vectors_of
 from nla.errors import NLAError
@@ -125,6 +125,7 @@ def explain(
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise NLAError("no text to explain; pass at least one string")
+    check_texts(texts)  # before the models load
     nla = nla or load_nla(av_dir, ar_dir, device=device)
     vectors, sites = nla.read(texts, positions, max_tokens=max_tokens, batch_size=batch_size)
     return to_records(
@@ -157,11 +158,15 @@ def load_vectors(path: str | Path, key: str | None = None) -> torch.Tensor:
         data = tensors[key] if key is not None else next(iter(tensors.values()))
     if not torch.is_tensor(data) or data.ndim not in (1, 2):
         raise NLAError(f"{path}: expected a (d,) or (N, d) tensor, got {getattr(data, 'shape', type(data))}")
-    return (data[None] if data.ndim == 1 else data).float()
+    data = (data[None] if data.ndim == 1 else data).float()
+    bad = (~torch.isfinite(data).all(dim=1)).nonzero().flatten().tolist()
+    if bad:  # before the models load; the injector refuses them too, for vectors from the Python API
+        raise NLAError(f"{path}: vectors hold NaN or Inf in rows {bad[:5]}; check where they came from")
+    return data
 
 
 def explain_vectors(
-    vector_file: str | Path,
+    vector_file: str | Path | torch.Tensor,
     av_dir: str | Path | None = None,
     ar_dir: str | Path | None = None,
     *,
@@ -172,8 +177,9 @@ def explain_vectors(
     device: str = "auto",
     nla: NLA | None = None,
 ) -> list[ExplainRecord]:
-    """Explain saved activation vectors (they must come from the AV's model and layer K); `nla` as in `explain`."""
-    vectors = load_vectors(vector_file, key)
+    """Explain saved activation vectors (they must come from the AV's model and layer K); `nla` as in `explain`.
+    `vector_file` may also be the (N, d) tensor `load_vectors` returned, so a caller can check the file first."""
+    vectors = vector_file if torch.is_tensor(vector_file) else load_vectors(vector_file, key)
     nla = nla or load_nla(av_dir, ar_dir, device=device)
     return to_records(
         nla,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from nla.io import read_table, write_table
 from nla.models import (
     autocast,
     check_layer,
+    context_length,
     d_model,
     load_model,
     model_autocast,
@@ -40,6 +42,8 @@ from nla.models import (
 )
 from nla.provenance import beside, write_provenance
 from nla.sidecar import make_meta, read_sidecar, write_sidecar
+
+log = logging.getLogger(__name__)
 
 
 def stable_seed(*parts: object) -> int:
@@ -136,6 +140,32 @@ def check_finite(rows: pd.DataFrame) -> None:
         raise NLAError(f"non-finite activations in rows {bad}; use float32 (model.dtype) or another layer")
 
 
+def check_window(model, tokenizer, docs: pd.DataFrame, max_tokens: int) -> None:
+    """Refuse a window longer than the model's context; say how many documents the window cuts.
+
+    Documents are read through their first `extract.max_tokens` tokens (positions are sampled
+    there), a choice, not an accident: the warning says how much of the corpus it leaves unread.
+    """
+    context = context_length(model)
+    if context is not None and max_tokens > context:
+        raise NLAError(
+            f"extract.max_tokens={max_tokens} is longer than the model's context of {context} tokens; "
+            f"set extract.max_tokens to at most {context}"
+        )
+    lengths = [len(ids) for ids in tokenizer(list(docs.text), add_special_tokens=True)["input_ids"]]
+    cut = sum(n > max_tokens for n in lengths)
+    if cut:
+        log.warning(
+            "%d of %d documents are longer than extract.max_tokens=%d and are read through their first %d tokens "
+            "(the longest has %d); raise extract.max_tokens to read more of them",
+            cut,
+            len(lengths),
+            max_tokens,
+            max_tokens,
+            max(lengths),
+        )
+
+
 def run_extract(
     cfg: NLAConfig,
     documents_path: str | Path,
@@ -149,6 +179,7 @@ def run_extract(
     docs = read_table(documents_path)
     model, tokenizer, source = load_model(cfg.model)
     check_layer(model, cfg.model.layer)
+    check_window(model, tokenizer, docs, cfg.extract.max_tokens)
     key = _config_key(cfg, source.fingerprint, docs)
     shard_dir = Path(work_dir) / key
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +237,12 @@ def assign_splits(doc_ids: list[str], fractions: dict[str, float], seed: int) ->
 
 
 def run_split(
-    cfg: NLAConfig, activations_dir: str | Path, out_dir: str | Path, documents_path: str | Path | None = None
+    cfg: NLAConfig,
+    activations_dir: str | Path,
+    out_dir: str | Path,
+    documents_path: str | Path | None = None,
+    *,
+    needed: tuple[str, ...] = SPLIT_NAMES,
 ) -> pd.DataFrame:
     """Rows to splits by document group; foreign documents to `foreign`; no eval text shares a long n-gram with training.
 
@@ -214,7 +250,18 @@ def run_split(
     from one article go to one split) and its `foreign` flag sends it to the foreign split. An
     eval group that shares a word `corpus.leak_ngram`-gram with a training document (boilerplate
     repeated across speeches, a quoted passage) moves to av_sft, so held-out text is unseen text.
+
+    Every split feeds a later stage of the pipeline (av_sft, ar_sft, rl, and eval for evaluate
+    and the quality gate), so a `needed` split with a share of 0 is refused here rather than
+    failing stages later, and one that got no document is warned about; a partial pipeline (a
+    test, a notebook) names the splits it uses in `needed`.
     """
+    empty = [name for name in needed if cfg.split.fractions[name] == 0]
+    if empty:
+        raise NLAError(
+            f"split.fractions gives {empty} a share of 0, but the {'/'.join(empty)} stage needs documents; "
+            "give every split a positive fraction (the four sum to 1)"
+        )
     table = read_table(Path(activations_dir) / ACTIVATIONS_FILE, columns=["row_id", "doc_id"])
     docs = read_table(documents_path) if documents_path is not None else None
     if docs is None or "group" not in docs.columns:
@@ -235,6 +282,12 @@ def run_split(
                 split_of[doc], moved = "av_sft", moved + 1
     split_of |= dict.fromkeys(docs[docs.foreign.astype(bool)].doc_id, FOREIGN)
     table["split"] = table.doc_id.map(split_of)
+    if missing := [name for name in needed if name not in set(split_of.values())]:
+        log.warning(
+            "splits %s got no document of %d (too few documents for split.fractions); raise corpus.max_docs",
+            missing,
+            len(local),
+        )
     write_table(Path(out_dir) / SPLITS_FILE, table)
     meta = read_sidecar(activations_dir)
     meta.update(

@@ -85,14 +85,52 @@ def write_table(path: str | Path, frame: pd.DataFrame, vector_columns: tuple[str
         pq.write_table(pa.table(columns), tmp)
 
 
-def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """A parquet table; a missing or unreadable file is an NLAError that says which stage to run."""
+REBUILD = "delete it and rerun the stage that writes it"
+
+
+def read_table(path: str | Path, columns: list[str] | None = None, fix: str = REBUILD) -> pd.DataFrame:
+    """A parquet table; a missing or unreadable file is an NLAError that says which stage to run.
+
+    `fix` is the advice for an unreadable file: a stage's output is rebuilt, but a file the user
+    supplied (a corpus) is theirs to repair.
+    """
     if not Path(path).is_file():
         raise NLAError(f"{path} not found; run the stage that writes it first (`dvc repro` runs them in order)")
     try:
         return pq.read_table(path, columns=columns).to_pandas()
     except (pa.ArrowException, OSError) as err:
         first = (str(err).splitlines() or [type(err).__name__])[0]
-        raise NLAError(
-            f"{path} is not a readable table ({first}); delete it and rerun the stage that writes it"
-        ) from None
+        raise NLAError(f"{path} is not a readable table ({first}); {fix}") from None
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Refuse a truncated or corrupt .safetensors file from its header alone, in microseconds.
+
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's byte
+    range, then the data, which must end exactly where the last range does. A copy or download
+    cut short ends early; checking this before any model loads turns a deep safetensors error
+    (after minutes of work, when the file is only read late) into one line up front.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        head = fh.read(length) if 8 + length <= size else b""
+    try:
+        ends = [t["data_offsets"][1] for k, t in json.loads(head).items() if k != "__metadata__"]
+        expected = 8 + length + max(ends, default=0)
+    except (ValueError, AttributeError, KeyError, TypeError, IndexError):  # no header, or not the format's
+        why = f"{size} bytes, without a readable header"
+    else:
+        if expected == size:
+            return
+        why = f"{size} bytes where its header promises {expected}"
+    raise NLAError(
+        f"{path} is truncated or corrupt ({why}); copy the checkpoint again or rerun the stage that wrote it"
+    )
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """Every .safetensors file under a checkpoint folder is whole (`check_safetensors`)."""
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        check_safetensors(path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -22,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
 
 from nla.config import ModelConfig
 from nla.errors import NLAError
@@ -110,6 +112,14 @@ def embedding_multiplier(model: nn.Module) -> float:
     if scale is None:
         return 1.0
     return float(scale.item() if torch.is_tensor(scale) else scale)
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model was built for (max_position_embeddings), when its config says."""
+    cfg = model.config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if n else None
 
 
 def check_layer(model: nn.Module, layer: int) -> None:
@@ -274,12 +284,36 @@ def load_tokenizer(source: ModelSource):
     return tokenizer
 
 
+def check_model_dir(folder: Path, trust_remote_code: bool) -> None:
+    """A local model folder's config.json must name a model_type this transformers knows.
+
+    transformers' own refusal is a paragraph; this is one line, before any weights are read.
+    A model that ships its code (`auto_map`) is left to transformers when remote code is trusted.
+    """
+    path = folder / "config.json"
+    if not path.is_file():
+        raise NLAError(f"{folder} has no config.json; point model.name to a transformers model folder")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise NLAError(f"{path} is not readable JSON ({type(err).__name__}); copy the model folder again") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type in CONFIG_MAPPING or (trust_remote_code and "auto_map" in config):
+        return
+    raise NLAError(
+        f"{path} names model_type {model_type!r}, which transformers {transformers.__version__} does not know; "
+        "check model.name, upgrade transformers, or set model.trust_remote_code for a model that ships its code"
+    )
+
+
 def load_model(cfg: ModelConfig, *, for_training: bool = False):
     """Load (model, tokenizer, source) as the config says: device and dtype picked automatically."""
     source = resolve_source(cfg.name, cfg.gguf_file, cfg.revision)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     path = str(converted_gguf_dir(source)) if source.gguf_file else source.path
+    if Path(path).is_dir():
+        check_model_dir(Path(path), cfg.trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,

@@ -54,7 +54,7 @@ def build(root: Path) -> dict[str, Path]:
     cfg = NLAConfig.model_validate(SETTINGS)
     run_corpus(cfg.corpus, root / "documents.parquet")
     run_extract(cfg, root / "documents.parquet", paths["act"], root / "work")
-    run_split(cfg, paths["act"], paths["split"])
+    run_split(cfg, paths["act"], paths["split"], needed=("av_sft", "ar_sft", "eval"))
     write_table(paths["labels"] / "explanations.parquet", tiny_labels(load_rows(paths["act"], paths["split"])))
     run_av_sft(cfg, paths["act"], paths["split"], paths["labels"], paths["av"], work_dir=root / "work")
     run_ar_sft(cfg, paths["act"], paths["split"], paths["labels"], paths["ar"], work_dir=root / "work" / "ar_sft")

@@ -83,7 +83,7 @@ def data(tmp_path_factory):
     docs = pd.DataFrame({"doc_id": [f"d{i}" for i in range(len(TEXTS))], "text": TEXTS, "source": "test"})
     write_table(root / "documents.parquet", docs)
     run_extract(cfg, root / "documents.parquet", root / "act", work_dir=root / "work")
-    run_split(cfg, root / "act", root / "split")
+    run_split(cfg, root / "act", root / "split", needed=("av_sft",))
     rows = load_rows(root / "act", root / "split")
     labels = pd.DataFrame(
         {

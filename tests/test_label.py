@@ -381,6 +381,7 @@ def test_openai_backend_under_faults_bounded_retried_cached(dataset, tmp_path, m
 
     # Positive control: 4 concurrent clients exceed the server's limit of 2, get 503s and still finish.
     over = openai_cfg(faulty.url, tmp_path / "cache-over", concurrency=4, max_retries=12)
+    over.label.openai.max_consecutive_failures, over.label.openai.max_failure_rate = 0, 1.0  # most requests fail here
     run_label(over, act, spl, tmp_path / "over")
     _, _, over_stats = assert_partition(tmp_path / "over")
     assert over_stats["status_codes"].get("503", 0) > 0 and over_stats["labeled"] == N_LABELED - 2
@@ -397,6 +398,8 @@ def test_openai_rows_failing_after_retries_are_recorded_then_resumed(dataset, tm
     limited = Katan(tmp_path, "--rate-limit-after", "3")  # every request after the 3rd gets HTTP 429
     try:
         cfg = openai_cfg(limited.url, tmp_path / "cache", concurrency=3, max_retries=1)
+        cfg.label.openai.max_consecutive_failures = 0  # breaker off: this test is about rows failing one by one
+        cfg.label.openai.max_failure_rate = 1.0
         run_label(cfg, act, spl, tmp_path / "out")
         good, bad, stats = assert_partition(tmp_path / "out")
         answered = N_LABELED - int((bad.reason == "request_failed:http_429").sum())

@@ -30,6 +30,7 @@ from nla.io import atomic_dir, write_json, write_table
 from nla.label.backends import BACKENDS, BackendStats
 from nla.label.backends.openai import redact_url
 from nla.label.parse import ANALYSIS_CLOSE, ANALYSIS_OPEN, FEATURE_SEP, parse_response
+from nla.label.progress import LabelProgress
 from nla.label.prompt import FEW_SHOT, context_of
 from nla.provenance import beside, write_provenance
 from nla.sidecar import make_meta, read_sidecar, write_sidecar
@@ -92,7 +93,11 @@ def run_label(
     started = time.perf_counter()
     stats = BackendStats()
     next_tokens = rows.next_tokens.map(list).tolist() if "next_tokens" in rows.columns else None
-    results = BACKENDS[lab.backend](cfg, contexts, tokens, stats, next_tokens)
+    stats.progress = progress = LabelProgress(cfg, len(rows), stats)
+    try:
+        results = BACKENDS[lab.backend](cfg, contexts, tokens, stats, next_tokens)
+    finally:
+        progress.close()
     elapsed = time.perf_counter() - started
 
     good, bad = [], []
@@ -135,10 +140,13 @@ def run_label(
         "cache_hits": stats.cache_hits,
         "requests": stats.requests,
         "retries": stats.retries,
+        "retry_seconds": round(stats.retry_seconds, 3),
         "status_codes": dict(sorted(stats.status_codes.items())),
         "peak_inflight": stats.peak_inflight,
         "generated_tokens": stats.generated_tokens,
     }
+    if lab.backend == "openai":
+        label_stats["retry_budget_s"] = lab.openai.retry_budget_s
     meta = read_sidecar(activations_dir)
     meta.update(
         make_meta(

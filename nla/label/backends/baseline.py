@@ -10,8 +10,6 @@ import json
 import re
 from collections import Counter
 
-from tqdm.auto import tqdm
-
 from nla.config import NLAConfig
 from nla.label.backends.base import BackendStats, Result
 from nla.label.parse import ANALYSIS_CLOSE, ANALYSIS_OPEN
@@ -70,7 +68,8 @@ def label_baseline(
     next_tokens: list[list[str]] | None = None,
 ) -> list[Result]:
     stats.model = "baseline"
-    return [
-        Result(raw=baseline_response(c, t))
-        for c, t in tqdm(zip(contexts, tokens, strict=True), total=len(contexts), desc="label (baseline)", unit="row")
-    ]
+    results = []
+    for c, t in zip(contexts, tokens, strict=True):
+        results.append(Result(raw=baseline_response(c, t)))
+        stats.progress.row_done(results[-1])
+    return results

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 
-from tqdm.auto import tqdm
-
 from nla.config import NLAConfig
 from nla.errors import NLAError
 from nla.label.backends.base import BackendStats, Result
@@ -51,8 +49,8 @@ def label_grounded(
             "the grounded labeler needs the subject model's predictions; set extract.top_next > 0, rerun extract"
         )
     stats.model = "grounded"
-    rows = zip(contexts, tokens, next_tokens, strict=True)
-    return [
-        Result(raw=grounded_response(c, t, list(n)))
-        for c, t, n in tqdm(rows, total=len(contexts), desc="label (grounded)", unit="row")
-    ]
+    results = []
+    for c, t, n in zip(contexts, tokens, next_tokens, strict=True):
+        results.append(Result(raw=grounded_response(c, t, list(n))))
+        stats.progress.row_done(results[-1])
+    return results

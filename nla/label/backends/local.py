@@ -14,7 +14,6 @@ import copy
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from nla.config import ModelConfig, NLAConfig
@@ -80,6 +79,9 @@ def label_local(
     ]
     results: list[Result | None] = [Result(raw=hit) if (hit := cache.get(k)) is not None else None for k in keys]
     stats.cache_hits = sum(r is not None for r in results)
+    for r in results:
+        if r is not None:
+            stats.progress.row_done(r, cached=True)
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     # Batches are fixed over all rows, shortest first (little padding), so a resumed run decodes each missing
     # row in the same batch, with the same shared prefix, as an uninterrupted run: identical outputs.
@@ -121,7 +123,6 @@ def generate_local(
     eos = model.generation_config.eos_token_id
     stop_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
     generator = torch.Generator(device=device)
-    bar = tqdm(total=len(ids), initial=sum(r is not None for r in results), desc="label (local)", unit="row")
     for n, batch in todo:
         generator.manual_seed(lab.seed + n)  # per batch, so a resumed run samples the same tokens
         outputs = decode_batch(
@@ -142,9 +143,7 @@ def generate_local(
                 raw = ANALYSIS_OPEN + "\n" + tokenizer.decode(out, skip_special_tokens=True)
                 cache.put(keys[i], raw)
                 results[i] = Result(raw=raw)
-                bar.update(1)
-        bar.set_postfix(rows_per_s=f"{bar.n / max(bar.format_dict['elapsed'], 1e-9):.2f}")
-    bar.close()
+                stats.progress.row_done(results[i])
 
 
 def decode_batch(
