@@ -8,12 +8,15 @@ rows), so the SFT and RL numbers are comparable.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
 
+import nla.distributed as distributed
 from nla.ar import MEAN_UNIT_FILE, load_ar
 from nla.av import load_av
 from nla.config import NLAConfig
@@ -25,6 +28,7 @@ from nla.models import release_memory
 from nla.sidecar import read_sidecar
 
 REQUIRED_CHECKPOINTS = ("av_sft", "ar_sft")
+T = TypeVar("T")
 
 
 def position_bucket(position: int) -> tuple[int, int]:
@@ -64,6 +68,38 @@ def length_stats(token_counts: list[int], prefix: str, closed: list[bool] | None
     if closed is not None:
         stats[f"{prefix}_closed_frac"] = float(np.mean(closed))
     return stats
+
+
+def by_batches(n: int, batches: list[np.ndarray], run: Callable[[np.ndarray], Sequence[T]]) -> list[T]:
+    """`run(rows)` for this rank's dealt `batches` (all of them in one process), merged back into row order.
+
+    Each call of `run` sees whole batches, exactly the batches one process forms, so every
+    result is the one-process result to the last bit, whatever the number of processes.
+    """
+    mine = distributed.deal(batches)
+    rows = np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
+    out: list[T | None] = [None] * n
+    for i, value in zip(rows.tolist(), run(rows), strict=True):
+        out[i] = value
+    return distributed.merge(out)  # type: ignore[return-value]
+
+
+def reconstruct(ar, texts: list[str], batch_size: int) -> torch.Tensor:
+    """`ar.reconstruct(texts)`, its length-sorted batches shared out over the processes of a launch: (n, d)."""
+    order = np.argsort([len(ar.prompt_ids(t)) for t in texts], kind="stable")  # the batches reconstruct forms
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rows = by_batches(len(texts), batches, lambda r: list(ar.reconstruct([texts[i] for i in r], batch_size, True)))
+    return torch.stack(rows) if rows else torch.zeros(0, ar.d)
+
+
+def explain(av, targets: torch.Tensor, max_new_tokens: int, batch_size: int) -> list:
+    """Greedy `av.generate(targets)`, its consecutive batches shared out over the processes of a launch."""
+    batches = [np.arange(i, min(i + batch_size, len(targets))) for i in range(0, len(targets), batch_size)]
+    return by_batches(
+        len(targets),
+        batches,
+        lambda r: av.generate(targets[torch.as_tensor(r)], max_new_tokens, temperature=0.0, batch_size=batch_size),
+    )
 
 
 def eval_rows(activations_dir, splits_dir, labels_dir, max_rows: int) -> pd.DataFrame:
@@ -119,7 +155,7 @@ def run_evaluate(
         raise NLAError(f"{paths['ar_sft']} has no {MEAN_UNIT_FILE}; retrain it with `nla ar-sft`")
     mean_unit = ar.mean_unit
     denom = fve_denominator(targets, mean_unit)
-    rec_gold = ar.reconstruct(gold, ev.batch_size, progress=True)
+    rec_gold = reconstruct(ar, gold, ev.batch_size)
     per_row["ar_gold"] = mse_nrm(rec_gold, targets)
     per_row["shuffled"] = mse_nrm(rec_gold[torch.from_numpy(derangement(n, seed=0))], targets)
     per_row["empty"] = mse_nrm(ar.reconstruct([""]).expand(n, -1), targets)
@@ -133,7 +169,7 @@ def run_evaluate(
     for name, av_path, ar_path in pairs:
         av = load_av(av_path, device)
         _check_pair(av.meta, data_meta, av_path)
-        explanations = av.generate(targets, ev.max_new_tokens, temperature=0.0, batch_size=ev.batch_size)
+        explanations = explain(av, targets, ev.max_new_tokens, ev.batch_size)
         del av
         release_memory()
         texts[name] = [e.text for e in explanations]
@@ -144,8 +180,8 @@ def run_evaluate(
             release_memory()
             ar = load_ar(ar_path, device)
             _check_pair(ar.meta, data_meta, ar_path)
-            per_row[f"ar_gold_{name}"] = mse_nrm(ar.reconstruct(gold, ev.batch_size, progress=True), targets)
-        per_row[f"roundtrip_{name}"] = mse_nrm(ar.reconstruct(texts[name], ev.batch_size, progress=True), targets)
+            per_row[f"ar_gold_{name}"] = mse_nrm(reconstruct(ar, gold, ev.batch_size), targets)
+        per_row[f"roundtrip_{name}"] = mse_nrm(reconstruct(ar, texts[name], ev.batch_size), targets)
     del ar
     release_memory()
 
@@ -157,9 +193,11 @@ def run_evaluate(
     metrics["fve_denominator"] = denom
     metrics["eval_seconds"] = time.perf_counter() - start
 
-    write_json(metrics_path, metrics)
-    _write_plots(Path(plots_dir), rows, per_row, denom)
-    _write_samples(Path(samples_path), rows, texts, closed, per_row, denom, ev.n_samples)
+    if distributed.is_main():  # every rank holds the same numbers; one writes them
+        write_json(metrics_path, metrics)
+        _write_plots(Path(plots_dir), rows, per_row, denom)
+        _write_samples(Path(samples_path), rows, texts, closed, per_row, denom, ev.n_samples)
+    distributed.barrier()
     return metrics
 
 

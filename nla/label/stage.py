@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+import nla.distributed as distributed
 from nla.config import NLAConfig
 from nla.data import EXPLANATIONS_FILE, SPLIT_NAMES, load_rows
 from nla.errors import NLAError
@@ -75,7 +76,10 @@ def run_label(cfg: NLAConfig, activations_dir: str | Path, splits_dir: str | Pat
 
     started = time.perf_counter()
     stats = BackendStats()
-    results = BACKENDS[lab.backend](cfg, contexts, tokens, stats)
+    if lab.backend == "local":  # shares its decoding batches out over the processes of a launch
+        results = BACKENDS[lab.backend](cfg, contexts, tokens, stats)
+    else:  # a server or a rule does the work: ask once, not once per process
+        results, stats = distributed.main_computes(lambda: (BACKENDS[lab.backend](cfg, contexts, tokens, stats), stats))
     elapsed = time.perf_counter() - started
 
     good, bad = [], []
@@ -133,10 +137,12 @@ def run_label(cfg: NLAConfig, activations_dir: str | Path, splits_dir: str | Pat
             parents=[str(activations_dir), str(splits_dir)],
         )
     )
-    with atomic_dir(out_dir) as tmp:  # the four files appear together or not at all
-        write_table(tmp / EXPLANATIONS_FILE, explanations)
-        write_table(tmp / FAILED_FILE, failed)
-        write_json(tmp / STATS_FILE, label_stats)
-        write_sidecar(tmp, meta)
+    if distributed.is_main():
+        with atomic_dir(out_dir) as tmp:  # the four files appear together or not at all
+            write_table(tmp / EXPLANATIONS_FILE, explanations)
+            write_table(tmp / FAILED_FILE, failed)
+            write_json(tmp / STATS_FILE, label_stats)
+            write_sidecar(tmp, meta)
+    distributed.barrier()
     log.info("labeled %d/%d rows (%s), failed %s", len(explanations), len(rows), lab.backend, dict(reasons))
     return explanations
