@@ -85,9 +85,9 @@ def failure_message(stderr: str) -> str:
     return (dvc_errors or lines or ["(no output on stderr)"])[-1]
 
 
-def _tee(cmd: list[str], cwd: Path) -> tuple[int, str, str]:
+def _tee(cmd: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run `cmd`, passing its output through live (progress bars intact) and keeping the tails."""
-    env = dict(os.environ)
+    env = dict(os.environ, **(extra_env or {}))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # `nla` of this env
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     tails: dict[int, bytearray] = {}
@@ -113,9 +113,14 @@ def _tee(cmd: list[str], cwd: Path) -> tuple[int, str, str]:
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def run_stage(stage: str, project_dir: str) -> str:
-    """`dvc repro --single-item <stage>`; returns "ran" or "skipped" (DVC found nothing changed)."""
-    code, out, err = _tee([sys.executable, "-m", "dvc", "repro", "--single-item", stage], Path(project_dir))
+def run_stage(stage: str, project_dir: str, launcher: str | None = None) -> str:
+    """`dvc repro --single-item <stage>`; returns "ran" or "skipped" (DVC found nothing changed).
+
+    `launcher` (e.g. "torchrun --nproc_per_node=8"): the stages that split their work run as
+    `<launcher> -m nla <stage>` (`NLA_LAUNCHER`, see `nla.cli`); the others as usual.
+    """
+    extra = {"NLA_LAUNCHER": launcher} if launcher else None
+    code, out, err = _tee([sys.executable, "-m", "dvc", "repro", "--single-item", stage], Path(project_dir), extra)
     if code != 0:
         kind = "gate" if stage.split(":")[-1].startswith(GATE_PREFIX) else "stage"
         raise StageFailed(f"{kind} '{stage}' failed: {failure_message(err)}")
@@ -173,11 +178,14 @@ def upload(project_dir: str) -> dict[str, str]:
 
 
 @flow(name="nla-pipeline")
-def nla_pipeline(project_dir: str = ".", profile: str | None = None, publish: bool = False) -> dict[str, Any]:
+def nla_pipeline(
+    project_dir: str = ".", profile: str | None = None, publish: bool = False, launcher: str | None = None
+) -> dict[str, Any]:
     """Run every DVC stage in order; report metrics; upload only when `publish` and the key metric improved.
 
     profile: merge profiles/<profile>.yaml into params.yaml first (DVC then reruns what it changes).
     publish: upload the publish stage's folders to the Hub when the key metric beats the last upload.
+    launcher: a command prefix the heavy stages run through, e.g. "torchrun --nproc_per_node=8".
     """
     logger = get_run_logger()
     root = Path(project_dir).resolve()
@@ -192,7 +200,7 @@ def nla_pipeline(project_dir: str = ".", profile: str | None = None, publish: bo
             retries = RETRIES.get(stage.split(":")[-1], 0)
             statuses[stage] = run_stage.with_options(
                 name=f"dvc-{stage}", retries=retries, retry_delay_seconds=RETRY_DELAY_S[:retries]
-            )(stage, str(root))
+            )(stage, str(root), launcher)
 
         new = _read_json(root / METRICS_FILE)
         published = _read_json(root / PUBLISHED_METRICS_FILE)
@@ -228,9 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project-dir", default=".", help="the DVC project (default: .)")
     parser.add_argument("--profile", default=None, help="merge profiles/<name>.yaml into params.yaml first")
     parser.add_argument("--publish", action="store_true", help="upload to the Hub if the key metric improved")
+    parser.add_argument(
+        "--launcher", default=None, help='run the heavy stages through it: "torchrun --nproc_per_node=8"'
+    )
     args = parser.parse_args(argv)
     try:
-        result = nla_pipeline(project_dir=args.project_dir, profile=args.profile, publish=args.publish)
+        result = nla_pipeline(
+            project_dir=args.project_dir, profile=args.profile, publish=args.publish, launcher=args.launcher
+        )
     except (StageFailed, NLAError) as err:
         print(f"nla flow: error: {err}", file=sys.stderr)
         return 1

@@ -28,6 +28,7 @@ def pipeline_deployment(
     project_dir: str | Path = ".",
     profile: str | None = None,
     publish: bool = False,
+    launcher: str | None = None,
 ):
     """A RunnerDeployment of `nla_pipeline` on a cron schedule; the parameters are its defaults."""
     from prefect.deployments.runner import EntrypointType
@@ -36,7 +37,12 @@ def pipeline_deployment(
     return nla_pipeline.to_deployment(
         name=name,
         schedule=Cron(cron, timezone=TIMEZONE),
-        parameters={"project_dir": str(Path(project_dir).resolve()), "profile": profile, "publish": publish},
+        parameters={
+            "project_dir": str(Path(project_dir).resolve()),
+            "profile": profile,
+            "publish": publish,
+            "launcher": launcher,
+        },
         tags=["nla"],
         description="Run the NLA DVC pipeline; publish to the Hub only when the key metric improved.",
         entrypoint_type=EntrypointType.MODULE_PATH,  # flows.pipeline.nla_pipeline: works from any cwd
@@ -50,10 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project-dir", default=".", help="the DVC project the runs work in (default: .)")
     parser.add_argument("--profile", default=None, help="params profile the runs apply (profiles/<name>.yaml)")
     parser.add_argument("--publish", action="store_true", help="upload to the Hub when the key metric improved")
+    parser.add_argument("--launcher", default=None, help='heavy stages run through it: "torchrun --nproc_per_node=8"')
     args = parser.parse_args(argv)
     from prefect import serve
 
-    serve(pipeline_deployment(args.name, args.cron, args.project_dir, args.profile, args.publish))
+    serve(pipeline_deployment(args.name, args.cron, args.project_dir, args.profile, args.publish, args.launcher))
     return 0
 
 

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import nla.distributed as distributed
 from nla.ar import AR, new_ar
 from nla.config import PATHS, NLAConfig
 from nla.data import labeled_rows, vectors_of
 from nla.errors import NLAError
 from nla.io import atomic_dir, atomic_path, write_json
-from nla.models import autocast, d_model, load_model, model_autocast
+from nla.models import autocast, d_model, decoder_blocks, load_model, model_autocast
 from nla.provenance import beside, write_provenance
 from nla.sidecar import read_sidecar, sidecar_path
 
@@ -70,6 +71,11 @@ def fit_ar(
     mixed = model_autocast(ar.backbone, cfg.model.autocast)  # bf16 matmuls on a bf16-capable CPU
     ar.set_reference(targets)
     ar.train()
+    if sft.batch_size < distributed.world_size():
+        raise NLAError(
+            f"ar_sft.batch_size={sft.batch_size} is below the {distributed.world_size()} processes; raise it"
+        )
+    distributed.shard_model(ar, decoder_blocks(ar.backbone), cfg.distributed.strategy)  # in place; no-op alone
     optimizer = torch.optim.AdamW(ar.param_groups(sft.learning_rate, sft.head_learning_rate), weight_decay=0.0)
     steps_per_epoch = math.ceil(len(texts) / sft.batch_size)
     total = sft.max_steps if sft.max_steps > 0 else max(1, round(sft.epochs * steps_per_epoch))
@@ -83,7 +89,7 @@ def fit_ar(
     if work_dir is not None and (state := _load_ar_state(Path(work_dir), fingerprint, ar, optimizer, scheduler)):
         first, log, order, tokens = state["step"], state["log"], state["order"], state["tokens"]
         rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(distributed.own(state["torch_rng"]))
         tqdm.write(f"ar_sft: resumed at step {first} from {Path(work_dir) / AR_CHECKPOINT}")
     start = time.perf_counter() - (log[-1]["seconds"] if log else 0.0)
     bar = tqdm(range(first, total), initial=first, total=total, desc="ar_sft", unit="step")
@@ -91,16 +97,18 @@ def fit_ar(
         if len(order) < sft.batch_size:  # epochs of fresh permutations, batches may straddle two
             order += rng.permutation(len(texts)).tolist()
         idx, order = order[: sft.batch_size], order[sft.batch_size :]
+        idx = distributed.shard(idx)  # this rank's slice of the global batch (all of it in one process)
         batch = [texts[i] for i in idx]
         with autocast(ar.device, mixed):
             loss = ar.loss(batch, targets[idx])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * distributed.share(len(idx))).backward()  # averaged over ranks: the gradient of the global mean
+        distributed.sync_gradients(ar.parameters_to_train())
         torch.nn.utils.clip_grad_norm_(ar.parameters_to_train(), sft.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        value = float(loss.detach())
-        tokens += sum(len(ar.prompt_ids(t)) for t in batch)
+        value = distributed.mean_over_ranks(float(loss.detach()), len(idx))  # the global batch's mean
+        tokens += int(distributed.all_sum(sum(len(ar.prompt_ids(t)) for t in batch)))
         log.append(
             {
                 "step": step + 1,
@@ -142,30 +150,33 @@ def _save_ar_state(
         "log": log,
         "order": order,
         "tokens": tokens,
-        "params": [p.detach().cpu().clone() for p in ar.parameters_to_train()],
-        "optimizer": optimizer.state_dict(),
+        "params": distributed.full_tensors(ar.parameters_to_train()),  # full weights, also when sharded
+        "optimizer": distributed.full_optimizer_state(optimizer),
         "scheduler": scheduler.state_dict(),
         "numpy_rng": rng.bit_generator.state,
-        "torch_rng": torch.get_rng_state(),
+        "torch_rng": distributed.per_rank(torch.get_rng_state()),
     }
-    with atomic_dir(work_dir / AR_CHECKPOINT) as tmp:
-        torch.save(state, tmp / AR_STATE_FILE)
+    if distributed.is_main():
+        with atomic_dir(work_dir / AR_CHECKPOINT) as tmp:
+            torch.save(state, tmp / AR_STATE_FILE)
+    distributed.barrier()
 
 
 def _load_ar_state(work_dir: Path, fingerprint: str, ar: AR, optimizer, scheduler) -> dict | None:
     """Restore a mid-run checkpoint into `ar`, `optimizer` and `scheduler`; None when there is none for these inputs."""
     path = work_dir / AR_CHECKPOINT / AR_STATE_FILE
-    if not path.is_file():
+    # Rank 0 reads the checkpoint and hands it to the others, so only its file system needs to hold it.
+    state = distributed.main_computes(
+        lambda: torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    )
+    if state is None:
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
     params = ar.parameters_to_train()
     if state["fingerprint"] != fingerprint or [t.shape for t in state["params"]] != [p.shape for p in params]:
         tqdm.write(f"ar_sft: ignoring the checkpoint in {work_dir} (other inputs or params); starting over")
         return None
-    with torch.no_grad():
-        for saved, p in zip(state["params"], params, strict=True):
-            p.copy_(saved.to(p.device))
-    optimizer.load_state_dict(state["optimizer"])
+    distributed.load_full_(params, state["params"])
+    optimizer.load_state_dict(distributed.shard_optimizer_state(state["optimizer"], params))
     scheduler.load_state_dict(state["scheduler"])
     return state
 
@@ -222,22 +233,25 @@ def run_ar_sft(
     fingerprint = ar_fingerprint(cfg, source.fingerprint, rows.row_id.tolist(), texts, targets)
     ar, log, metrics = fit_ar(cfg, texts, targets, loaded, work_dir, fingerprint)
     timings = {key: metrics.pop(key) for key in TIMINGS}
-    ar.save(
-        out_dir,
-        {
-            "stage": "ar_sft",
-            "train_rows": len(rows),
-            "train_steps": metrics["ar_sft_steps"],
-            "labeler": labels_meta.get("labeler", labels_meta.get("label")),
-            "training": {**cfg.ar_sft.model_dump(), **metrics},
-            "parents": [str(activations_dir), str(splits_dir), str(labels_dir)],
-        },
-    )
-    out_dir = Path(out_dir)
-    _write_log(plots_path or out_dir.with_name(out_dir.name + "_loss.csv"), log)
-    write_json(metrics_path or out_dir.with_name(out_dir.name + "_metrics.json"), headline(log))
-    write_provenance(provenance_path or beside(out_dir), "ar_sft", **timings)
-    shutil.rmtree(Path(work_dir) / AR_CHECKPOINT, ignore_errors=True)  # the AR is saved: no run to resume
+    with distributed.full_weights(ar, ar.backbone):  # every rank gathers (when sharded), rank 0 writes
+        if distributed.is_main():
+            ar.save(
+                out_dir,
+                {
+                    "stage": "ar_sft",
+                    "train_rows": len(rows),
+                    "train_steps": metrics["ar_sft_steps"],
+                    "labeler": labels_meta.get("labeler", labels_meta.get("label")),
+                    "training": {**cfg.ar_sft.model_dump(), **metrics},
+                    "parents": [str(activations_dir), str(splits_dir), str(labels_dir)],
+                },
+            )
+            out_dir = Path(out_dir)
+            _write_log(plots_path or out_dir.with_name(out_dir.name + "_loss.csv"), log)
+            write_json(metrics_path or out_dir.with_name(out_dir.name + "_metrics.json"), headline(log))
+            write_provenance(provenance_path or beside(out_dir), "ar_sft", **timings)
+            shutil.rmtree(Path(work_dir) / AR_CHECKPOINT, ignore_errors=True)  # the AR is saved: no run to resume
+    distributed.barrier()
     return metrics
 
 

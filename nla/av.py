@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+import nla.distributed as distributed
 from nla.config import InjectionConfig, ModelConfig, PromptConfig
 from nla.data import pad_batch
 from nla.errors import NLAError
@@ -241,6 +242,8 @@ class AV:
 
     def _decoding(self) -> tuple[ActivationInjector, Decoder]:
         """What generation runs on: the model itself, or for a LoRA AV (in training) its merged copy, synced."""
+        if distributed.is_sharded(self.model):  # FSDP: no merged copy; a fresh decoder on the gathered weights
+            return self.injector, Decoder(self.model, cuda_graph=False)
         if _is_peft(self.model):  # inference loads are merged already (`load_av`)
             if self._merged is None:
                 self._merged = MergedCopy(self.model, self.injector)

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+import nla.distributed as distributed
 from nla.av import AV, attach_injector, av_marker, av_prompt_ids, completion_ids, injection_scale
 from nla.config import NLAConfig, PromptConfig
 from nla.data import labeled_rows, vectors_of
@@ -32,7 +33,7 @@ from nla.errors import NLAError
 from nla.injection import ActivationInjector
 from nla.io import atomic_path, write_json
 from nla.metrics import MSE_NORMALISATION
-from nla.models import check_layer, d_model, load_model, model_autocast, resolve_source
+from nla.models import check_layer, d_model, decoder_blocks, load_model, model_autocast, resolve_source
 from nla.provenance import beside, write_provenance
 from nla.sidecar import make_meta, read_sidecar, sidecar_path
 
@@ -98,8 +99,11 @@ def av_trainer_class():
                 return  # the stage saves the final AV; a resume from here would even train one step too many
             super()._save_checkpoint(model, trial)
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-            write_json(folder / RESUME_FILE, {"key": self.resume_key, "step": self.state.global_step})
-            clear_checkpoints(Path(self.args.output_dir), keep=folder)
+            distributed.barrier()  # every rank's part (its RNG state, its shards) is in the folder
+            if distributed.is_main():
+                write_json(folder / RESUME_FILE, {"key": self.resume_key, "step": self.state.global_step})
+                clear_checkpoints(Path(self.args.output_dir), keep=folder)
+            distributed.barrier()
 
     return AVTrainer
 
@@ -203,9 +207,25 @@ def fit_av(
     device = next(model.parameters()).device
     # bf16 weights, or fp32 weights with bf16 autocast (accelerate opens one autocast region per forward).
     bf16 = next(model.parameters()).dtype == torch.bfloat16 or model_autocast(model, cfg.model.autocast) is not None
+    world = distributed.world_size()
+    if sft.batch_size % world:  # the global batch is kept: each of the N processes takes batch_size / N rows
+        raise NLAError(f"av_sft.batch_size={sft.batch_size} does not divide over {world} processes; make it a multiple")
+    fsdp = world > 1 and cfg.distributed.strategy == "fsdp"  # TRL's trainer shards through accelerate's FSDP2
+    if fsdp and device.type != "cuda":
+        raise NLAError(
+            "av_sft with distributed.strategy=fsdp needs GPUs (accelerate shards CUDA launches only); use ddp"
+        )
+    if fsdp and sft.merge:
+        raise NLAError("av_sft.merge copies the whole model, which a sharded run never holds; set it false under fsdp")
+    block = type(decoder_blocks(model)[0]).__name__
     args = SFTConfig(
         output_dir=str(work_dir),
-        per_device_train_batch_size=sft.batch_size,
+        per_device_train_batch_size=sft.batch_size // world,
+        fsdp=fsdp,
+        ddp_find_unused_parameters=False,  # every trainable weight (the adapter) takes part in every step
+        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": [block], "reshard_after_forward": True}
+        if fsdp
+        else None,
         gradient_accumulation_steps=sft.grad_accum,
         learning_rate=sft.learning_rate,
         num_train_epochs=sft.epochs,
@@ -235,7 +255,8 @@ def fit_av(
         injector=injector,
         resume_key=resume_key or "",
     )
-    resume = resume_checkpoint(Path(work_dir), resume_key) if checkpoints else None
+    # Rank 0 picks the checkpoint (and removes the others); every rank resumes from the same one.
+    resume = distributed.main_computes(lambda: resume_checkpoint(Path(work_dir), resume_key) if checkpoints else None)
     first = json.loads((resume / RESUME_FILE).read_text())["step"] if resume else 0
     if resume:
         tqdm.write(f"av_sft: resumed at step {first} from {resume}")
@@ -376,15 +397,18 @@ def run_av_sft(
         training={**cfg.av_sft.model_dump(), **metrics},
         parents=[str(activations_dir), str(splits_dir), str(labels_dir)] + ([str(sweep_path)] if sweep_path else []),
     )
-    av.save(out_dir, meta, merged=cfg.av_sft.merge)
-    write_json(metrics_path or out_dir.with_name(out_dir.name + "_metrics.json"), headline(metrics))
-    write_loss_csv(plots_path or out_dir.with_name(out_dir.name + "_loss.csv"), log)
-    write_provenance(
-        provenance_path or beside(out_dir),
-        "av_sft",
-        train_seconds=round(stats["seconds"], 1),
-        train_tokens_per_s=round(stats["tokens_per_s"], 1),
-    )
-    clear_checkpoints(Path(work_dir))  # the AV is saved: a rerun starts over, as `dvc repro` expects
-    shutil.rmtree(work_dir, ignore_errors=True)  # and TRL's model card, written beside the checkpoints
+    with distributed.full_weights(av.model, av.model):  # every rank gathers (when sharded), rank 0 writes
+        if distributed.is_main():
+            av.save(out_dir, meta, merged=cfg.av_sft.merge)
+            write_json(metrics_path or out_dir.with_name(out_dir.name + "_metrics.json"), headline(metrics))
+            write_loss_csv(plots_path or out_dir.with_name(out_dir.name + "_loss.csv"), log)
+            write_provenance(
+                provenance_path or beside(out_dir),
+                "av_sft",
+                train_seconds=round(stats["seconds"], 1),
+                train_tokens_per_s=round(stats["tokens_per_s"], 1),
+            )
+            clear_checkpoints(Path(work_dir))  # the AV is saved: a rerun starts over, as `dvc repro` expects
+            shutil.rmtree(work_dir, ignore_errors=True)  # and TRL's model card, written beside the checkpoints
+    distributed.barrier()
     return metrics

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import signal
 import sys
 from collections.abc import Callable
@@ -305,6 +307,61 @@ def _profile(args) -> None:
     print(f"profile {args.name} merged into {args.params}; `dvc repro` reruns what changed")
 
 
+# Stages that split their work over the processes of a launch (`torchrun -m nla <stage>`); the others run in one.
+DISTRIBUTED_STAGES = frozenset({"extract", "label", "av-sft", "ar-sft", "rl", "evaluate"})
+LAUNCHER_ENV = "NLA_LAUNCHER"  # a launcher command prefix these stages run through (see `_relaunch`)
+
+
+class DistributedFailure(Exception):
+    """Another process of the launch failed, so a collective of this one broke off."""
+
+
+def _run_stage(cfg: NLAConfig, args) -> None:
+    """Run one stage; under a launcher inside its process group, the workspace lock taken once per launch."""
+    lock = workspace_lock(Path(args.params).resolve().parent, f"nla {args.command}")
+    if int(os.environ.get("WORLD_SIZE") or 1) <= 1:  # no launcher (or one process): exactly the plain run
+        with lock:
+            STAGES[args.command][0](cfg, args)
+        return
+    if args.command not in DISTRIBUTED_STAGES:
+        raise NLAError(f"nla {args.command} runs in one process; drop the launcher (torchrun / accelerate launch)")
+    import torch.distributed as dist
+
+    import nla.distributed as distributed
+
+    with distributed.process_group(cfg.distributed.timeout_minutes):
+        distributed.quiet_others()
+        try:
+            with distributed.main_first(lock):
+                STAGES[args.command][0](cfg, args)
+        except dist.DistError as err:
+            first = (str(err).splitlines() or [type(err).__name__])[0]
+            raise DistributedFailure(
+                f"a collective broke off ({first}): another process of the launch stopped"
+            ) from None
+
+
+def _plan(args) -> None:
+    from nla.plan import format_plan, measure_ar_step, plan
+
+    profile = args.plan_profile or args.profile
+    cfg = load_config(args.params, profile, allow_empty=args.defaults)
+    if args.check:
+        result = measure_ar_step(cfg)
+        mib = {k: v / 2**20 for k, v in result.items() if k != "tokens"}
+        print(
+            f"AR-SFT step of {cfg.model.name} on this CPU ({result['tokens']} tokens, {cfg.model.dtype}):\n"
+            f"  activations: measured {mib['measured_saved_bytes']:.0f} MiB saved for backward, "
+            f"planned {mib['estimated_activation_bytes']:.0f} MiB\n"
+            f"  step peak:   measured {mib['measured_peak_rss_growth']:.0f} MiB resident growth, "
+            f"planned {mib['estimated_step_bytes']:.0f} MiB (activations + grads + optimizer)"
+        )
+        return
+    root = Path(args.params).resolve().parent
+    needs = plan(cfg, args.gpus, root, args.model_config)
+    print(format_plan(needs, f"{cfg.model.name} (layer {cfg.model.layer}, {profile or 'params.yaml'}), per GPU"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nla",
@@ -404,13 +461,42 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge profiles/NAME.yaml into params.yaml so DVC tracks the change.",
     )
     pr.add_argument("name", nargs="?", help="profile to apply (omit to list)")
+    pl = sub.add_parser(
+        "plan",
+        help="GPU memory per stage on 1 GPU, N-GPU DDP and N-GPU FSDP, from the model's config",
+        description="Parameter, gradient, optimizer and activation memory per stage at the params' batch sizes.",
+    )
+    pl.add_argument("--profile", dest="plan_profile", default=None, help="overlay profiles/<name>.yaml")
+    pl.add_argument("--gpus", type=int, default=8, help="N for the DDP and FSDP rows (default: 8)")
+    pl.add_argument("--model-config", default=None, help="a config.json to plan for instead of model.name's")
+    pl.add_argument("--check", action="store_true", help="measure an AR-SFT step of the model on this CPU instead")
     return parser
 
 
+def _relaunch(args, argv: list[str]) -> None:
+    """With NLA_LAUNCHER set (e.g. "torchrun --nproc_per_node=8"), become `<launcher> -m nla <argv>`.
+
+    So `dvc repro` and the Prefect flow, which run `nla <stage>`, can drive a multi-GPU run
+    without a change to dvc.yaml. Only stages that split their work are relaunched; the
+    launched processes see NLA_LAUNCHED and run the stage themselves.
+    """
+    prefix = os.environ.get(LAUNCHER_ENV, "").strip()
+    if not prefix or args.command not in DISTRIBUTED_STAGES or os.environ.get("NLA_LAUNCHED"):
+        return
+    command = [*shlex.split(prefix), "-m", "nla", *argv]
+    os.environ["NLA_LAUNCHED"] = "1"
+    try:
+        os.execvp(command[0], command)
+    except OSError as err:
+        raise NLAError(f"{LAUNCHER_ENV}={prefix!r} cannot start ({err.strerror}); fix or unset it") from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     install_signal_handlers(f"nla {args.command}")  # SIGINT and SIGTERM unwind the stage, then exit 130 / 143
     try:
+        _relaunch(args, argv)
         if args.command == "explain":
             _explain(args)
         elif args.command == "serve":
@@ -419,13 +505,17 @@ def main(argv: list[str] | None = None) -> int:
             _profile(args)
         elif args.command == "convert":
             _convert(args)
+        elif args.command == "plan":
+            _plan(args)
         else:
             cfg = load_config(args.params, args.profile, allow_empty=args.defaults)
-            with workspace_lock(Path(args.params).resolve().parent, f"nla {args.command}"):
-                STAGES[args.command][0](cfg, args)
+            _run_stage(cfg, args)
     except NLAError as err:
         print(f"nla {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except DistributedFailure as err:
+        print(f"nla {args.command}: error: {err}; rerun the same command to resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:  # `Interrupted` (SIGINT, SIGTERM) or a KeyboardInterrupt from elsewhere
         exit_interrupted(f"nla {args.command}", getattr(err, "signum", signal.SIGINT))
     return 0

@@ -275,6 +275,13 @@ class PublishConfig(Section):
         return data
 
 
+class DistributedConfig(Section):
+    """How av_sft, ar_sft and rl share the work of a launch (`torchrun -m nla <stage>`); unused in one process."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # ddp: a full replica per rank; fsdp: weights/grads/optimizer split N ways
+    timeout_minutes: float = Field(60.0, gt=0)  # how long a rank waits for the others at a collective
+
+
 class PromptConfig(Section):
     """Prompt templates; recorded verbatim in every sidecar."""
 
@@ -310,6 +317,7 @@ class NLAConfig(Section):
     rl: RLConfig = Field(default_factory=RLConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,15 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
 
+import nla.distributed as distributed
 from nla.ar import AR, MEAN_UNIT_FILE, load_ar
 from nla.av import base_av, load_av
 from nla.config import NLAConfig
@@ -83,6 +86,7 @@ FORMAT_WORDS = frozenset(
         "yet",
     ]
 )
+T = TypeVar("T")
 
 
 def position_bucket(position: int) -> tuple[int, int]:
@@ -124,6 +128,38 @@ def length_stats(token_counts: list[int], prefix: str, closed: list[bool] | None
     if closed is not None:
         stats[f"{prefix}_closed_frac"] = float(np.mean(closed))
     return stats
+
+
+def by_batches(n: int, batches: list[np.ndarray], run: Callable[[np.ndarray], Sequence[T]]) -> list[T]:
+    """`run(rows)` for this rank's dealt `batches` (all of them in one process), merged back into row order.
+
+    Each call of `run` sees whole batches, exactly the batches one process forms, so every
+    result is the one-process result to the last bit, whatever the number of processes.
+    """
+    mine = distributed.deal(batches)
+    rows = np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
+    out: list[T | None] = [None] * n
+    for i, value in zip(rows.tolist(), run(rows) if len(rows) else [], strict=True):
+        out[i] = value
+    return distributed.merge(out)  # type: ignore[return-value]
+
+
+def reconstruct(ar: AR, texts: list[str], batch_size: int, progress: bool = False) -> torch.Tensor:
+    """`ar.reconstruct(texts)`, its length-sorted batches shared out over the processes of a launch: (n, d)."""
+    order = np.argsort([len(ar.prompt_ids(t)) for t in texts], kind="stable")  # the batches reconstruct forms
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rows = by_batches(len(texts), batches, lambda r: list(ar.reconstruct([texts[i] for i in r], batch_size, progress)))
+    return torch.stack(rows) if rows else torch.zeros(0, ar.d)
+
+
+def explain(av, targets: torch.Tensor, max_new_tokens: int, batch_size: int) -> list:
+    """Greedy `av.generate(targets)`, its consecutive batches shared out over the processes of a launch."""
+    batches = [np.arange(i, min(i + batch_size, len(targets))) for i in range(0, len(targets), batch_size)]
+    return by_batches(
+        len(targets),
+        batches,
+        lambda r: av.generate(targets[torch.as_tensor(r)], max_new_tokens, temperature=0.0, batch_size=batch_size),
+    )
 
 
 def eval_rows(activations_dir, splits_dir, labels_dir, split: str, max_rows: int) -> pd.DataFrame:
@@ -201,7 +237,7 @@ def _ar_controls(data: _Set, ar: AR, mean_unit: torch.Tensor, cfg: NLAConfig) ->
     bs, n = cfg.evaluate.batch_size, len(data.rows)
     gold = data.rows.explanation.tolist()
     data.gold_tokens = [len(ar.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in gold]
-    rec_gold = ar.reconstruct(gold, bs, progress=True)
+    rec_gold = reconstruct(ar, gold, bs, progress=True)
     data.score("ar_gold", rec_gold)
     data.score("shuffled", rec_gold[torch.from_numpy(derangement(n, seed=0))])
     data.score("empty", ar.reconstruct([""]).expand(n, -1))
@@ -209,8 +245,8 @@ def _ar_controls(data: _Set, ar: AR, mean_unit: torch.Tensor, cfg: NLAConfig) ->
     data.score("const", mean_unit.expand(n, -1))
     inj = cfg.injection
     copies = copy_of_context(data.rows, cfg.label.context_tokens, inj.marker_ranges, inj.marker_char)
-    data.score("copy", ar.reconstruct(copies, bs))
-    data.score("final_only", ar.reconstruct(final_line(gold), bs))
+    data.score("copy", reconstruct(ar, copies, bs))
+    data.score("final_only", reconstruct(ar, final_line(gold), bs))
 
 
 def run_evaluate(
@@ -260,11 +296,13 @@ def run_evaluate(
         sets = _score_all(cfg, paths, row_sets, data_meta, device)
     metrics, top_texts = _metrics(sets, cfg)
     metrics_path = Path(metrics_path)
-    write_json(metrics_path, {short: metrics[key] for short, key in HEADLINE.items() if key in metrics})
-    write_json(details_path or metrics_path.with_name(f"{metrics_path.stem}_details.json"), metrics)
-    write_provenance(provenance_path or beside(metrics_path), "evaluate", eval_seconds=time.perf_counter() - start)
-    _write_plots(Path(plots_dir), sets)
-    _write_report(Path(samples_path), sets, metrics, top_texts, ev.n_samples)
+    if distributed.is_main():  # every rank holds the same numbers; one writes them
+        write_json(metrics_path, {short: metrics[key] for short, key in HEADLINE.items() if key in metrics})
+        write_json(details_path or metrics_path.with_name(f"{metrics_path.stem}_details.json"), metrics)
+        write_provenance(provenance_path or beside(metrics_path), "evaluate", eval_seconds=time.perf_counter() - start)
+        _write_plots(Path(plots_dir), sets)
+        _write_report(Path(samples_path), sets, metrics, top_texts, ev.n_samples)
+    distributed.barrier()
     return metrics
 
 
@@ -289,23 +327,23 @@ def _score_all(
         av = base_av(av_path, device) if name == "untrained" else load_av(av_path, device)
         _check_pair(av.meta, data_meta, av_path)
         for data in sets.values():
-            explanations = av.generate(data.targets, ev.max_new_tokens, temperature=0.0, batch_size=ev.batch_size)
+            explanations = explain(av, data.targets, ev.max_new_tokens, ev.batch_size)
             data.texts[name] = [e.text for e in explanations]
             data.closed[name] = [e.closed for e in explanations]
             data.tokens[name] = [len(e.token_ids) for e in explanations]
         del av
         release_memory()
     for data in sets.values():
-        data.score("roundtrip_sft", ar.reconstruct(data.texts["sft"], ev.batch_size, progress=True))
-        data.score("untrained", ar.reconstruct(data.texts["untrained"], ev.batch_size))
+        data.score("roundtrip_sft", reconstruct(ar, data.texts["sft"], ev.batch_size, progress=True))
+        data.score("untrained", reconstruct(ar, data.texts["untrained"], ev.batch_size))
     del ar
     release_memory()
     if paths["ar_rl"] is not None:  # the RL pair brings its own AR
         ar = load_ar(paths["ar_rl"], device)
         _check_pair(ar.meta, data_meta, paths["ar_rl"])
         for data in sets.values():
-            data.score("ar_gold_rl", ar.reconstruct(data.rows.explanation.tolist(), ev.batch_size))
-            data.score("roundtrip_rl", ar.reconstruct(data.texts["rl"], ev.batch_size, progress=True))
+            data.score("ar_gold_rl", reconstruct(ar, data.rows.explanation.tolist(), ev.batch_size))
+            data.score("roundtrip_rl", reconstruct(ar, data.texts["rl"], ev.batch_size, progress=True))
         del ar
         release_memory()
     return sets

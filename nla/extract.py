@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+import nla.distributed as distributed
 from nla.config import NLAConfig
 from nla.corpus import shared_ngram_texts
 from nla.data import ACTIVATIONS_FILE, FOREIGN, ROW_SPLITS, SPLIT_NAMES, SPLITS_FILE, pad_batch
@@ -184,18 +185,29 @@ def run_extract(
     shard_dir = Path(work_dir) / key
     shard_dir.mkdir(parents=True, exist_ok=True)
     n_shards = (len(docs) + cfg.extract.shard_docs - 1) // cfg.extract.shard_docs
-    frames = []
-    bar = tqdm(range(n_shards), desc="extract (shards)", unit="shard")
+    frames = {}
+    # Under a launcher each rank extracts whole shards (dealt round-robin): a shard's rows do not depend on
+    # which rank or how many ranks computed it, so the gathered table equals the one-process table.
+    mine = distributed.deal(range(n_shards))
+    paths = {s: shard_dir / f"shard-{s:05d}.parquet" for s in mine}
+    if done := int(distributed.all_sum(sum(path.exists() for path in paths.values()))):
+        tqdm.write(f"extract: resuming, {done} of {n_shards} shards already done")
+    bar = tqdm(mine, desc="extract (shards)", unit="shard")
     for s in bar:
-        path = shard_dir / f"shard-{s:05d}.parquet"
+        path = paths[s]
         if not path.exists():
             part = docs.iloc[s * cfg.extract.shard_docs : (s + 1) * cfg.extract.shard_docs]
             shard = extract_shard(model, tokenizer, part, cfg)
             check_finite(shard)  # before the shard is kept: a resumed run must never reuse bad rows
             write_table(path, shard)
-        frames.append(read_table(path))
-        bar.set_postfix(rows=sum(len(f) for f in frames))
-    table = pd.concat(frames, ignore_index=True)
+        frames[s] = read_table(path)
+        bar.set_postfix(rows=sum(len(f) for f in frames.values()))
+    gathered = distributed.gather(frames)
+    if gathered is None:  # not rank 0: rank 0 writes the table; this rank's rows are returned
+        distributed.barrier()
+        return pd.concat(list(frames.values()) or [pd.DataFrame()], ignore_index=True)
+    frames = {s: frame for part in gathered for s, frame in part.items()}
+    table = pd.concat([frames[s] for s in range(n_shards)], ignore_index=True)
     out_dir = Path(out_dir)
     write_table(out_dir / ACTIVATIONS_FILE, table)
     write_sidecar(
@@ -221,6 +233,7 @@ def run_extract(
     write_provenance(
         provenance_path or beside(out_dir), "extract", seconds=round(seconds, 1), rows_per_s=len(table) / seconds
     )
+    distributed.barrier()  # the others wait until the table is there
     return table
 
 

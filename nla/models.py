@@ -69,6 +69,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks (works through PEFT wrappers)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     paths = [ARCHITECTURES[mt][0]] if (mt := _model_type(base)) in ARCHITECTURES else list(BLOCK_PATH_FALLBACKS)
+    paths += [p.split(".", 1)[1] for p in paths]  # the bare transformer (the AR's backbone) holds them one level up
     for path in paths:
         blocks = _get_path(base, path)
         if isinstance(blocks, nn.ModuleList):

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import nla.distributed as distributed
 from nla.ar import AR, load_ar
 from nla.av import AV, load_av
 from nla.config import PATHS, NLAConfig, RLConfig
@@ -62,7 +63,7 @@ from nla.errors import NLAError
 from nla.grpo import clipped_objective, duplicate_share, group_advantages, shaped_rewards
 from nla.io import atomic_dir, atomic_path, write_json
 from nla.metrics import fve_nrm, mse_nrm, unit
-from nla.models import autocast, model_autocast
+from nla.models import autocast, decoder_blocks, model_autocast
 from nla.provenance import beside, write_provenance
 from nla.sidecar import make_meta
 
@@ -78,16 +79,37 @@ LOG_FIELDS += ["skipped_updates", "ar_loss", "loss"]  # the log's timings go to 
 EVAL_FIELDS = ["step", "fve_heldout", "mse_heldout", "len_mean", "malformed_frac"]
 
 
+# ----------------------------------------------------------------------------- advantages over the launch
+
+
+def batch_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`group_advantages` of this rank's rows, each group normalised over all its members in the launch.
+
+    The rows of a step are split evenly over the processes, so a group may straddle two of
+    them; the rewards of every rank are gathered first and normalised as one batch, then each
+    rank keeps its own rows. In one process this is `group_advantages`.
+
+    In float64: the rewards of a group can lie close together (differences of 1e-3 at a
+    magnitude of 2), where float32's rounding of r − mean moves an advantage by 1e-4, an amount
+    that would then depend on how the rows were batched (the AR's padding shifts the rewards by
+    1e-7), so one process and N would differ.
+    """
+    everyone = distributed.all_cat(rewards).double()  # (rows of the step,) in row order
+    advantages = group_advantages(everyone, group_size)[distributed.local_slice(len(everyone))]
+    return advantages.to(rewards.device, rewards.dtype)
+
+
 # ----------------------------------------------------------------------------- the reference policy
 
 
 def reference_log_probs(
-    av: AV, av_dir: str | Path, temperature: float = 1.0
+    av: AV, av_dir: str | Path, temperature: float = 1.0, strategy: str = "ddp"
 ) -> Callable[[torch.Tensor, list[list[int]]], torch.Tensor]:
     """A function giving per-token log-probs under the frozen SFT AV (no grad).
 
     LoRA: the SFT adapter is loaded a second time as adapter ``ref`` (frozen) and switched in
-    for the reference pass. Full fine-tuning: a second, frozen copy of the SFT AV.
+    for the reference pass. Full fine-tuning: a second, frozen copy of the SFT AV (under
+    `strategy` fsdp sharded like the policy, so it costs 1/N of a model per process).
     """
     from peft import PeftModel
 
@@ -109,6 +131,7 @@ def reference_log_probs(
 
     ref = load_av(av_dir, device=str(av.device))
     ref.model.eval().requires_grad_(False)
+    distributed.shard_model(ref.model, decoder_blocks(ref.model), strategy)
 
     def ref_copy_fn(vectors, completion_ids):
         with torch.no_grad():
@@ -124,12 +147,18 @@ def params_of(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in opt.param_groups for p in group["params"]]
 
 
-def _update(opt: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float) -> int:
-    """One clipped optimizer step on `loss`; skipped (returns 1) when the loss or a gradient is NaN/Inf."""
+def _update(opt: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float, weight: float) -> int:
+    """One clipped optimizer step on `loss`; skipped (returns 1) when the loss or a gradient is NaN/Inf.
+
+    `loss` is this process's mean over `weight` rows or tokens of the step. Under a launcher the
+    gradients are those of the mean over every process's rows (`distributed.share`, then
+    `sync_gradients`), and a skip is decided for all processes together, so all step or none do.
+    """
     opt.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
+    if distributed.all_sum(not torch.isfinite(loss)):
         return 1
-    loss.backward()
+    (loss * distributed.share(weight)).backward()
+    distributed.sync_gradients(params_of(opt))
     norm = torch.nn.utils.clip_grad_norm_(params_of(opt), max_grad_norm)
     if not torch.isfinite(norm):  # a NaN/Inf anywhere in the gradients makes the total norm non-finite
         opt.zero_grad(set_to_none=True)
@@ -151,9 +180,10 @@ def rl_step(
     """Sample, score, update the AV once (clipped objective + KL), then the AR once."""
     t0 = time.perf_counter()
     G = cfg.group_size
-    rows = vectors.repeat_interleave(G, dim=0)  # each group is G consecutive rows
+    # Each group is G consecutive rows; under a launcher each rank samples its contiguous part of them.
+    rows = distributed.shard(vectors.repeat_interleave(G, dim=0))
     av.model.eval()  # dropout off in every pass, so π_old, π and π_ref are the same function at step 0
-    with torch.no_grad():
+    with torch.no_grad(), distributed.unsharded(av.model):
         samples = av.generate(
             rows, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=len(rows)
         )
@@ -167,33 +197,44 @@ def rl_step(
     echoed = torch.tensor([av.marker.token_id in s.token_ids for s in samples])
     malformed = torch.tensor([not s.closed or not s.text.strip() for s in samples]) | echoed
 
-    with torch.no_grad():
+    with torch.no_grad(), distributed.unsharded(ar):
         pred = ar.reconstruct(texts)
     mse = mse_nrm(pred.cpu(), rows.cpu())
-    rewards = shaped_rewards(mse, malformed, capped, n_tokens, cfg) - cfg.duplicate_penalty * duplicate_share(texts, G)
-    advantages = group_advantages(rewards, G)
+    # The duplicate penalty compares the texts of whole groups, which may straddle two processes.
+    everyone = [text for part in distributed.all_gather(texts) for text in part]  # the step's texts, in row order
+    duplicates = duplicate_share(everyone, G)[distributed.local_slice(len(everyone))]
+    rewards = shaped_rewards(mse, malformed, capped, n_tokens, cfg) - cfg.duplicate_penalty * duplicates
+    advantages = batch_advantages(rewards, G)
 
     live = (~echoed).nonzero().flatten().tolist()  # rows whose completions enter the policy loss
-    loss, stats, av_skipped = torch.zeros(()), {"kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}, 0
-    if live:
-        live_ids = [ids[i] for i in live]
-        ref_logp = ref_log_probs(rows[live], live_ids)
-        logp, mask = av.completion_log_probs(rows[live], live_ids, temperature=cfg.temperature)
+    loss_value, stats, av_skipped = 0.0, {"kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}, 0
+    if distributed.all_sum(len(live)):  # under a launcher every rank runs the passes its peers' collectives wait for
+        # A rank whose rows all echoed the marker runs one placeholder row at weight 0.
+        part, part_ids = (live, [ids[i] for i in live]) if live else ([0], [[av.tokenizer.eos_token_id]])
+        ref_logp = ref_log_probs(rows[part], part_ids)
+        logp, mask = av.completion_log_probs(rows[part], part_ids, temperature=cfg.temperature)
         old_logp = logp.detach()  # π_old = the sampling policy (one update per batch)
-        adv = advantages[live].to(logp.device)
+        adv = advantages[part].to(logp.device)
         loss, stats = clipped_objective(logp, old_logp, ref_logp.to(logp.device), adv, mask, cfg.epsilon, cfg.beta)
         stats["entropy"] = float(-(old_logp * mask).sum() / mask.sum().clamp_min(1))  # sampled-token estimate
-        av_skipped = _update(av_opt, loss, cfg.max_grad_norm)
+        n_local = float(mask.sum()) if live else 0.0  # the objective is a mean over the tokens of every rank's rows
+        av_skipped = _update(av_opt, loss, cfg.max_grad_norm, n_local)
+        stats = {k: distributed.mean_over_ranks(v, n_local) for k, v in stats.items()}
+        loss_value = distributed.mean_over_ranks(float(loss.detach()), n_local)
 
     ar_loss, ar_skipped = float("nan"), 0
     keep = [i for i in range(len(texts)) if not malformed[i]]
-    if ar_opt is not None and keep:
+    if ar_opt is not None and distributed.all_sum(len(keep)):
         ar.train()
-        ar_loss_t = ar.loss([texts[i] for i in keep], rows[keep])
-        ar_skipped = _update(ar_opt, ar_loss_t, cfg.max_grad_norm)
-        ar_loss = float(ar_loss_t.detach())
+        part = keep or [0]  # a rank left without a row still runs the pass (weight 0) its peers' collectives wait for
+        ar_loss_t = ar.loss([texts[i] for i in part], rows[part])
+        ar_skipped = _update(ar_opt, ar_loss_t, cfg.max_grad_norm, len(keep))
+        ar_loss = distributed.mean_over_ranks(float(ar_loss_t.detach()), len(keep))
 
-    fve = float(fve_nrm(pred.cpu(), rows.cpu(), mean_unit.cpu())) if mean_unit is not None else float("nan")
+    # The logged numbers are those of the whole step (every rank's rows), as one process computes them.
+    pred, rows, mse, rewards = (distributed.all_cat(t.cpu()) for t in (pred, rows, mse, rewards))
+    n_tokens, capped, malformed, echoed = (distributed.all_cat(t) for t in (n_tokens, capped, malformed, echoed))
+    fve = float(fve_nrm(pred, rows, mean_unit.cpu())) if mean_unit is not None else float("nan")
     return {
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std()),
@@ -204,11 +245,11 @@ def rl_step(
         "capped_frac": float(capped.float().mean()),
         "malformed_frac": float(malformed.float().mean()),
         "marker_echo_frac": float(echoed.float().mean()),
-        "distinct_frac": len(set(texts)) / len(texts),
+        "distinct_frac": len(set(everyone)) / len(everyone),
         "zero_adv_groups": float((rewards.view(-1, G).std(dim=1) < 1e-6).float().mean()),
         "skipped_updates": av_skipped + ar_skipped,
         "ar_loss": ar_loss,
-        "loss": float(loss.detach()),
+        "loss": loss_value,
         "generate_seconds": generate_seconds,
         "seconds": time.perf_counter() - t0,
     }
@@ -217,14 +258,17 @@ def rl_step(
 def evaluate_heldout(av: AV, ar: AR, vectors: torch.Tensor, mean_unit: torch.Tensor, cfg: RLConfig) -> dict[str, float]:
     """Greedy round trip on held-out rows: FVE of AR(AV(v)) against v."""
     av.model.eval()
-    with torch.no_grad():
-        samples = av.generate(vectors, max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=len(vectors))
-        pred = ar.reconstruct([s.text for s in samples]).cpu()
+    mine = distributed.shard(vectors)  # under a launcher each rank explains its part of the rows
+    with torch.no_grad(), distributed.unsharded(av.model, ar):
+        samples = av.generate(mine, max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=max(1, len(mine)))
+        pred = distributed.all_cat(ar.reconstruct([s.text for s in samples]).cpu())
+    lengths = distributed.all_cat(torch.tensor([len(s.token_ids) for s in samples], dtype=torch.float64))
+    malformed = distributed.all_cat(torch.tensor([not s.closed or not s.text.strip() for s in samples]))
     return {
         "fve_heldout": float(fve_nrm(pred, vectors.cpu(), mean_unit)),
         "mse_heldout": float(mse_nrm(pred, vectors.cpu()).mean()),
-        "len_mean": float(np.mean([len(s.token_ids) for s in samples])),
-        "malformed_frac": float(np.mean([not s.closed or not s.text.strip() for s in samples])),
+        "len_mean": float(lengths.mean()),
+        "malformed_frac": float(malformed.float().mean()),
     }
 
 
@@ -247,16 +291,18 @@ def save_checkpoint(
         "step": state.step,
         "log": state.log,
         "eval_log": state.eval_log,
-        "av_params": [p.detach().cpu().clone() for p in av_params],
-        "ar_params": [p.detach().cpu().clone() for p in ar_params],
-        "av_opt": av_opt.state_dict(),
-        "ar_opt": ar_opt.state_dict() if ar_opt is not None else None,
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "av_params": distributed.full_tensors(av_params),  # full weights, also when sharded
+        "ar_params": distributed.full_tensors(ar_params),
+        "av_opt": distributed.full_optimizer_state(av_opt),
+        "ar_opt": distributed.full_optimizer_state(ar_opt) if ar_opt is not None else None,
+        "torch_rng": distributed.per_rank(torch.get_rng_state()),  # each rank samples its own stream
+        "cuda_rng": distributed.per_rank(torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
         "numpy_rng": json.dumps(rng.bit_generator.state),
     }
-    with atomic_dir(work_dir / CHECKPOINT) as tmp:
-        torch.save(blob, tmp / STATE_FILE)
+    if distributed.is_main():
+        with atomic_dir(work_dir / CHECKPOINT) as tmp:
+            torch.save(blob, tmp / STATE_FILE)
+    distributed.barrier()
 
 
 def load_checkpoint(
@@ -264,24 +310,25 @@ def load_checkpoint(
 ) -> RLState | None:
     """Restore the last checkpoint into the given objects; None when there is none for these inputs."""
     path = work_dir / CHECKPOINT / STATE_FILE
-    if not path.is_file():
+    # Rank 0 reads the checkpoint and hands it to the others, so only its file system needs to hold it.
+    blob = distributed.main_computes(
+        lambda: torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    )
+    if blob is None:
         return None
-    blob = torch.load(path, map_location="cpu", weights_only=True)
     if blob["fingerprint"] != fingerprint:
         tqdm.write(f"rl: ignoring the checkpoint in {work_dir} (other inputs or params); starting over")
         return None
     for saved, params, what in ((blob["av_params"], av_params, "AV"), (blob["ar_params"], ar_params, "AR")):
         if len(saved) != len(params) or any(s.shape != p.shape for s, p in zip(saved, params, strict=True)):
             raise NLAError(f"rl checkpoint in {work_dir} does not match the {what}'s trainable weights; delete it")
-        with torch.no_grad():
-            for s, p in zip(saved, params, strict=True):
-                p.copy_(s.to(p.device))
-    av_opt.load_state_dict(blob["av_opt"])
+        distributed.load_full_(params, saved)
+    av_opt.load_state_dict(distributed.shard_optimizer_state(blob["av_opt"], av_params))
     if ar_opt is not None and blob["ar_opt"] is not None:
-        ar_opt.load_state_dict(blob["ar_opt"])
-    torch.set_rng_state(blob["torch_rng"])
-    if blob["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+        ar_opt.load_state_dict(distributed.shard_optimizer_state(blob["ar_opt"], ar_params))
+    torch.set_rng_state(distributed.own(blob["torch_rng"]))
+    if (cuda_rng := distributed.own(blob["cuda_rng"])) and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_rng)
     rng.bit_generator.state = json.loads(blob["numpy_rng"])
     return RLState(step=blob["step"], log=blob["log"], eval_log=blob["eval_log"])
 
@@ -305,7 +352,7 @@ def train_rl(
     `autocast_dtype`: mixed precision for every step (bf16 matmuls on a bf16-capable CPU).
     """
     work_dir = Path(work_dir)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + distributed.rank())  # rank 0 samples the one-process stream, each other its own
     rng = np.random.default_rng(cfg.seed)
     av_params = [p for p in av.model.parameters() if p.requires_grad]
     ar_params = list(ar.parameters_to_train()) if train_ar else []
@@ -449,7 +496,15 @@ def run_rl(
     eval_vectors = torch.from_numpy(vectors_of(held)) if len(held) else None
     mean_unit = ar.mean_unit if ar.mean_unit is not None else unit(train_vectors).mean(dim=0)
 
-    ref = reference_log_probs(av, av_dir, rl.temperature)
+    if rl.prompts_per_step * rl.group_size < distributed.world_size():
+        raise NLAError(
+            f"rl.prompts_per_step × rl.group_size = {rl.prompts_per_step * rl.group_size} rows per step leaves "
+            f"some of the {distributed.world_size()} processes without a row; raise them or launch fewer processes"
+        )
+    strategy = cfg.distributed.strategy
+    ref = reference_log_probs(av, av_dir, rl.temperature, strategy)  # before sharding: the ref adapter is sharded too
+    distributed.shard_model(av.model, decoder_blocks(av.model), strategy)  # in place; no-op in one process
+    distributed.shard_model(ar, decoder_blocks(ar.backbone), strategy)
     inputs = [checkpoint_digest(av_dir), checkpoint_digest(ar_dir)]
     fingerprint = rl_fingerprint(rl, inputs, train.row_id.tolist(), held.row_id.tolist())
     start = time.perf_counter()
@@ -471,11 +526,14 @@ def run_rl(
     parents = [str(av_dir), str(ar_dir), str(activations_dir), str(splits_dir)]
     training = {**rl.model_dump(), **metrics}
     av_meta = {**av.meta, **make_meta("nla_model", "rl"), "parents": parents, "training": training}
-    av.save(out_dir / "av", av_meta)  # the policy adapter only (not the frozen reference) or full weights
-    ar.save(out_dir / "ar", {"stage": "rl", "parents": parents, "training": training})
-    write_csv(log_path or out_dir / LOG_FILE, state.log, LOG_FIELDS)
-    write_csv(eval_log_path or out_dir / EVAL_LOG_FILE, state.eval_log, EVAL_FIELDS)
-    write_json(metrics_path or out_dir / METRICS_FILE, headline(metrics))
-    write_provenance(provenance_path or beside(out_dir), "rl", **timings(state, seconds))
-    shutil.rmtree(Path(work_dir) / CHECKPOINT, ignore_errors=True)  # done: a rerun starts over, as `dvc repro` expects
+    with distributed.full_weights(av.model, av.model), distributed.full_weights(ar, ar.backbone):
+        if distributed.is_main():  # every rank gathered the weights (when sharded); rank 0 writes
+            av.save(out_dir / "av", av_meta)  # the policy adapter only (not the frozen reference) or full weights
+            ar.save(out_dir / "ar", {"stage": "rl", "parents": parents, "training": training})
+            write_csv(log_path or out_dir / LOG_FILE, state.log, LOG_FIELDS)
+            write_csv(eval_log_path or out_dir / EVAL_LOG_FILE, state.eval_log, EVAL_FIELDS)
+            write_json(metrics_path or out_dir / METRICS_FILE, headline(metrics))
+            write_provenance(provenance_path or beside(out_dir), "rl", **timings(state, seconds))
+            shutil.rmtree(Path(work_dir) / CHECKPOINT, ignore_errors=True)  # done: a rerun starts over
+    distributed.barrier()
     return metrics

@@ -438,10 +438,10 @@ def test_a_non_finite_loss_skips_the_update():
 
     weight = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([weight], lr=1.0)
-    assert _update(opt, (weight * float("nan")).sum(), 1.0) == 1
-    assert _update(opt, (weight * torch.tensor([1.0, float("inf"), 1.0])).sum(), 1.0) == 1
+    assert _update(opt, (weight * float("nan")).sum(), 1.0, 3) == 1
+    assert _update(opt, (weight * torch.tensor([1.0, float("inf"), 1.0])).sum(), 1.0, 3) == 1
     assert torch.equal(weight.detach(), torch.ones(3))  # neither step touched the weights
-    assert _update(opt, weight.sum(), 10.0) == 0 and not torch.equal(weight.detach(), torch.ones(3))
+    assert _update(opt, weight.sum(), 10.0, 3) == 0 and not torch.equal(weight.detach(), torch.ones(3))
 
 
 def test_duplicate_share_within_groups():

@@ -18,16 +18,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+import nla.distributed as distributed
 from nla.config import NLAConfig
 from nla.data import EXPLANATIONS_FILE, ROW_SPLITS, load_rows
 from nla.errors import NLAError
 from nla.io import atomic_dir, write_json, write_table
-from nla.label.backends import BACKENDS, BackendStats
+from nla.label.backends import BACKENDS, BackendStats, Result
+from nla.label.backends.base import RowProgress
 from nla.label.backends.openai import redact_url
 from nla.label.parse import ANALYSIS_CLOSE, ANALYSIS_OPEN, FEATURE_SEP, parse_response
 from nla.label.progress import LabelProgress
@@ -94,8 +97,16 @@ def run_label(
     stats = BackendStats()
     next_tokens = rows.next_tokens.map(list).tolist() if "next_tokens" in rows.columns else None
     stats.progress = progress = LabelProgress(cfg, len(rows), stats)
-    try:
+
+    def ask_once() -> tuple[list[Result], BackendStats]:
         results = BACKENDS[lab.backend](cfg, contexts, tokens, stats, next_tokens)
+        return results, replace(stats, progress=RowProgress())  # the live bar stays with this process
+
+    try:
+        if lab.backend == "local":  # shares its decoding batches out over the processes of a launch
+            results = BACKENDS[lab.backend](cfg, contexts, tokens, stats, next_tokens)
+        else:  # a server or a rule does the work: ask once, not once per process
+            results, stats = distributed.main_computes(ask_once)
     finally:
         progress.close()
     elapsed = time.perf_counter() - started
@@ -160,11 +171,13 @@ def run_label(
             parents=[str(activations_dir), str(splits_dir)],
         )
     )
-    with atomic_dir(out_dir) as tmp:  # the four files appear together or not at all
-        write_table(tmp / EXPLANATIONS_FILE, explanations)
-        write_table(tmp / FAILED_FILE, failed)
-        write_json(tmp / STATS_FILE, label_stats)
-        write_sidecar(tmp, meta)
-    write_provenance(provenance_path or beside(out_dir), "label", **run_facts)
+    if distributed.is_main():
+        with atomic_dir(out_dir) as tmp:  # the four files appear together or not at all
+            write_table(tmp / EXPLANATIONS_FILE, explanations)
+            write_table(tmp / FAILED_FILE, failed)
+            write_json(tmp / STATS_FILE, label_stats)
+            write_sidecar(tmp, meta)
+        write_provenance(provenance_path or beside(out_dir), "label", **run_facts)
+    distributed.barrier()
     log.info("labeled %d/%d rows (%s), failed %s", len(explanations), len(rows), lab.backend, dict(reasons))
     return explanations

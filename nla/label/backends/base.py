@@ -14,7 +14,7 @@ moves with the work, whatever the backend.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from nla.config import NLAConfig
@@ -49,6 +49,15 @@ class BackendStats:
     generated_tokens: int = 0
     model: str = ""
     progress: RowProgress = field(default_factory=RowProgress, repr=False)
+
+
+def computed(responses: Iterable[str], stats: BackendStats) -> list[Result]:
+    """The results of a backend that writes each answer itself (no server, no cache), counted as each is done."""
+    results = []
+    for raw in responses:
+        results.append(Result(raw=raw))
+        stats.progress.row_done(results[-1])
+    return results
 
 
 Backend = Callable[[NLAConfig, list[str], list[str], BackendStats, list[list[str]] | None], list[Result]]

@@ -11,7 +11,7 @@ import re
 from collections import Counter
 
 from nla.config import NLAConfig
-from nla.label.backends.base import BackendStats, Result
+from nla.label.backends.base import BackendStats, Result, computed
 from nla.label.parse import ANALYSIS_CLOSE, ANALYSIS_OPEN
 
 _STOPWORDS_TEXT = (
@@ -68,8 +68,4 @@ def label_baseline(
     next_tokens: list[list[str]] | None = None,
 ) -> list[Result]:
     stats.model = "baseline"
-    results = []
-    for c, t in zip(contexts, tokens, strict=True):
-        results.append(Result(raw=baseline_response(c, t)))
-        stats.progress.row_done(results[-1])
-    return results
+    return computed((baseline_response(c, t) for c, t in zip(contexts, tokens, strict=True)), stats)

@@ -17,7 +17,7 @@ import json
 
 from nla.config import NLAConfig
 from nla.errors import NLAError
-from nla.label.backends.base import BackendStats, Result
+from nla.label.backends.base import BackendStats, Result, computed
 from nla.label.backends.baseline import analysis_block, context_features
 
 N_NEXT = 3  # predictions named in the final-token feature
@@ -49,8 +49,5 @@ def label_grounded(
             "the grounded labeler needs the subject model's predictions; set extract.top_next > 0, rerun extract"
         )
     stats.model = "grounded"
-    results = []
-    for c, t, n in zip(contexts, tokens, next_tokens, strict=True):
-        results.append(Result(raw=grounded_response(c, t, list(n))))
-        stats.progress.row_done(results[-1])
-    return results
+    rows = zip(contexts, tokens, next_tokens, strict=True)
+    return computed((grounded_response(c, t, list(n)) for c, t, n in rows), stats)

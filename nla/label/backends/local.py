@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+import nla.distributed as distributed
 from nla.config import ModelConfig, NLAConfig
 from nla.data import pad_batch
 from nla.errors import NLAError
@@ -88,9 +89,11 @@ def label_local(
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
     batches = [order[s : s + lab.batch_size] for s in range(0, len(order), lab.batch_size)]
     todo = [(n, batch) for n, batch in enumerate(batches) if any(results[i] is None for i in batch)]
-    if todo:
-        generate_local(cfg, mcfg, tokenizer, ids, keys, todo, results, cache, stats)
-    return results  # type: ignore[return-value]
+    # Under a launcher each rank decodes whole batches (dealt round-robin): the same batches as one process.
+    if mine := distributed.deal(todo):
+        generate_local(cfg, mcfg, tokenizer, ids, keys, mine, results, cache, stats)
+    stats.generated_tokens = int(distributed.all_sum(stats.generated_tokens))
+    return distributed.merge(results)  # type: ignore[return-value]
 
 
 def generate_local(
