@@ -2,9 +2,17 @@
 
     nla ar-sft                      # or: dvc repro ar_sft
 
-`run_ar_sft` reads the labeled ar_sft rows (`nla.data.labeled_rows`), trains a fresh AR
-(`fit_ar`: AdamW, linear warm-up then cosine decay, the head on its own learning rate, loss
-mean mse_nrm) and saves it with `AR.save`, plus the per-step log (CSV) and metrics (JSON).
+`run_ar_sft` reads the labeled ar_sft rows (`nla.data.labeled_rows`), adds the SFT AV's own greedy
+explanations of `ar_sft.av_explanations` of them, each paired with its true vector (`av_pairs`),
+trains a fresh AR on both (`fit_ar`: AdamW, linear warm-up then cosine decay, the head on its own
+learning rate, loss mean mse_nrm) and saves it with `AR.save`, plus the per-step log (CSV) and
+metrics (JSON).
+
+Why the AV's texts: the AR is scored on what the AV writes, not on gold labels. An AR that has
+only read gold labels takes every line at face value, so the AV's wrong topic or "before" lines
+pull its reconstruction away; trained on both, it learns how far each line of an AV explanation
+can be trusted (measured in reports/explanations.md: the round trip rises, AR-on-gold drops a
+little). Gold labels stay in: an AR on AV texts alone falls back to predicting ū.
 
 Resume: every `ar_sft.checkpoint_every` steps the trainable weights, optimizer, scheduler,
 batch order and RNG states go atomically to the work folder; a rerun with the same inputs
@@ -28,11 +36,12 @@ from tqdm.auto import tqdm
 
 import nla.distributed as distributed
 from nla.ar import AR, new_ar
+from nla.av import load_av
 from nla.config import PATHS, NLAConfig
 from nla.data import labeled_rows, vectors_of
 from nla.errors import NLAError
 from nla.io import atomic_dir, atomic_path, write_json
-from nla.models import autocast, d_model, decoder_blocks, load_model, model_autocast
+from nla.models import autocast, d_model, decoder_blocks, load_model, model_autocast, release_memory
 from nla.provenance import beside, write_provenance
 from nla.sidecar import read_sidecar, sidecar_path
 
@@ -194,6 +203,28 @@ def ar_fingerprint(
     return digest.hexdigest()[:16]
 
 
+# ----------------------------------------------------------------------------- the AV's own explanations
+
+
+def av_pairs(cfg: NLAConfig, av_dir: str | Path, rows, device: str = "auto") -> tuple[list[str], torch.Tensor, list]:
+    """(explanation, vector) pairs from the SFT AV: greedy explanations of `ar_sft.av_explanations` rows.
+
+    The rows are a fixed-seed sample of `rows`; each explanation is paired with its row's true vector,
+    so the AR learns to map what the AV writes (right or wrong) to what it should have conveyed.
+    Returns (texts, vectors (n, d_model), row ids).
+    """
+    sample = rows.sample(n=min(cfg.ar_sft.av_explanations, len(rows)), random_state=cfg.ar_sft.seed)
+    vectors = torch.from_numpy(vectors_of(sample))  # (n, d_model)
+    av = load_av(av_dir, device, layer=cfg.model.layer)
+    try:
+        with autocast(av.device, model_autocast(av.model, cfg.model.autocast)):  # decoding only: no weights cached
+            explanations = av.generate(vectors, cfg.ar_sft.av_max_new_tokens, temperature=0.0, batch_size=32)
+    finally:
+        del av
+        release_memory()
+    return [e.text for e in explanations], vectors, sample.row_id.tolist()
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -204,6 +235,7 @@ def run_ar_sft(
     labels_dir: str | Path,
     out_dir: str | Path,
     *,
+    av_dir: str | Path | None = None,
     metrics_path: str | Path | None = None,
     plots_path: str | Path | None = None,
     work_dir: str | Path = Path(PATHS.work) / "ar_sft",
@@ -211,7 +243,9 @@ def run_ar_sft(
 ) -> dict[str, Any]:
     """Train the AR on (explanation → activation) over the ar_sft rows; save checkpoint, log and metrics.
 
-    A killed run resumes from its last mid-run checkpoint in `work_dir` (removed once the AR is saved).
+    With `av_dir` (the SFT AV) and `ar_sft.av_explanations` > 0, the AV's greedy explanations of that
+    many rows join the gold labels (`av_pairs`). A killed run resumes from its last mid-run checkpoint
+    in `work_dir` (removed once the AR is saved).
 
     The headline metrics (JSON, for `dvc metrics`) go to `metrics_path`, the per-step loss (CSV, for
     `dvc plots`) to `plots_path` and the timings to `provenance_path`; they default to files beside
@@ -229,8 +263,15 @@ def run_ar_sft(
         activations_dir, splits_dir, labels_dir, ["ar_sft"], d_model=d_model(model), layer=cfg.model.layer
     )
     labels_meta = read_sidecar(labels_dir) if sidecar_path(labels_dir).is_file() else {}
-    texts, targets = rows.explanation.tolist(), torch.from_numpy(vectors_of(rows))
-    fingerprint = ar_fingerprint(cfg, source.fingerprint, rows.row_id.tolist(), texts, targets)
+    texts, targets, row_ids = rows.explanation.tolist(), torch.from_numpy(vectors_of(rows)), rows.row_id.tolist()
+    n_av = 0
+    if cfg.ar_sft.av_explanations > 0:
+        if av_dir is None:
+            raise NLAError("ar_sft.av_explanations > 0 needs the SFT AV (av_dir); train av_sft first or set it to 0")
+        av_texts, av_vectors, av_ids = av_pairs(cfg, av_dir, rows, str(model.device))
+        texts, targets, row_ids = texts + av_texts, torch.cat([targets, av_vectors]), row_ids + av_ids
+        n_av = len(av_texts)
+    fingerprint = ar_fingerprint(cfg, source.fingerprint, row_ids, texts, targets)
     ar, log, metrics = fit_ar(cfg, texts, targets, loaded, work_dir, fingerprint)
     timings = {key: metrics.pop(key) for key in TIMINGS}
     with distributed.full_weights(ar, ar.backbone):  # every rank gathers (when sharded), rank 0 writes
@@ -240,10 +281,12 @@ def run_ar_sft(
                 {
                     "stage": "ar_sft",
                     "train_rows": len(rows),
+                    "train_av_explanations": n_av,
                     "train_steps": metrics["ar_sft_steps"],
                     "labeler": labels_meta.get("labeler", labels_meta.get("label")),
                     "training": {**cfg.ar_sft.model_dump(), **metrics},
-                    "parents": [str(activations_dir), str(splits_dir), str(labels_dir)],
+                    "parents": [str(activations_dir), str(splits_dir), str(labels_dir)]
+                    + ([str(av_dir)] if n_av else []),
                 },
             )
             out_dir = Path(out_dir)

@@ -127,6 +127,7 @@ def _stage_ar_sft(cfg: NLAConfig, args) -> None:
         P.splits,
         P.labels,
         P.ar_sft,
+        av_dir=P.av_sft,
         metrics_path=Path(P.metrics) / "ar_sft.json",
         plots_path=Path(P.plots) / "ar_sft_loss.csv",
         provenance_path=_provenance("ar_sft"),

@@ -224,6 +224,10 @@ class ARSFTConfig(Section):
     checkpoint_every: int = Field(
         25, ge=1
     )  # steps between mid-run checkpoints (data/work/ar_sft): a killed run resumes
+    # Also train on the SFT AV's greedy explanations of this many ar_sft rows, each paired with its true
+    # vector ("mix"): an AR that has only seen gold labels trusts the AV's wrong lines. 0: gold labels only.
+    av_explanations: int = Field(512, ge=0)
+    av_max_new_tokens: int = Field(48, ge=4)  # as evaluate.max_new_tokens: the AR sees what it will be scored on
     seed: int = 0
 
 

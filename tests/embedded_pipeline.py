@@ -1,7 +1,7 @@
 """A tiny but real pipeline on the embedded model, built once per test session and shared on disk.
 
 corpus (12 real documents) → extract → split → labels (deterministic "final token + context"
-text) → AV-SFT (1 step) → AR-SFT (2 steps). Used by the AR, evaluate and explain tests through a
+text) → AV-SFT (1 step) → AR-SFT (2 steps, on the labels and 3 of the AV's explanations). Used by the AR, evaluate and explain tests through a
 module fixture that calls `shared_run`.
 """
 
@@ -18,7 +18,7 @@ SETTINGS = {
     "extract": {"max_tokens": 48, "positions_per_doc": 2},
     "split": {"fractions": {"av_sft": 0.34, "ar_sft": 0.33, "rl": 0.0, "eval": 0.33}},
     "av_sft": {"max_steps": 1, "batch_size": 4},
-    "ar_sft": {"max_steps": 2, "batch_size": 4},
+    "ar_sft": {"max_steps": 2, "batch_size": 4, "av_explanations": 3, "av_max_new_tokens": 8},
     "evaluate": {"max_rows": 4, "max_new_tokens": 8, "batch_size": 4, "n_samples": 3},
 }
 
@@ -57,7 +57,15 @@ def build(root: Path) -> dict[str, Path]:
     run_split(cfg, paths["act"], paths["split"], needed=("av_sft", "ar_sft", "eval"))
     write_table(paths["labels"] / "explanations.parquet", tiny_labels(load_rows(paths["act"], paths["split"])))
     run_av_sft(cfg, paths["act"], paths["split"], paths["labels"], paths["av"], work_dir=root / "work")
-    run_ar_sft(cfg, paths["act"], paths["split"], paths["labels"], paths["ar"], work_dir=root / "work" / "ar_sft")
+    run_ar_sft(
+        cfg,
+        paths["act"],
+        paths["split"],
+        paths["labels"],
+        paths["ar"],
+        av_dir=paths["av"],
+        work_dir=root / "work" / "ar_sft",
+    )
     (root / "done").touch()
     return paths
 

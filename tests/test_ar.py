@@ -228,5 +228,33 @@ def test_ar_sft_stage_writes_checkpoint_log_and_metrics(embedded_run, tmp_path):
     meta = yaml.safe_load((ar_dir / "nla_meta.yaml").read_text())
     rows = labeled_rows(embedded_run["act"], embedded_run["split"], embedded_run["labels"], ["ar_sft"])
     assert meta["train_rows"] == len(rows) and meta["stage"] == "ar_sft" and meta["d_model"] == 576
+    assert meta["train_av_explanations"] == 3 and str(embedded_run["av"]) in meta["parents"]
     assert meta["base_model_fingerprint"].startswith("gguf:") and 0 < meta["mean_unit_norm"] < 1
     assert (ar_dir.with_name("ar_metrics.json")).is_file()
+
+
+@pytest.mark.slow
+def test_av_pairs_pair_the_avs_greedy_explanations_with_their_rows_true_vectors(embedded_run):
+    """The "mix" data: each AV text sits beside the vector it was generated from, and that is its row's vector."""
+    from nla.ar_sft import av_pairs
+    from nla.av import load_av
+
+    rows = labeled_rows(embedded_run["act"], embedded_run["split"], embedded_run["labels"], ["ar_sft"])
+    cfg = NLAConfig.model_validate(
+        {"model": {"autocast": "off"}, "ar_sft": {"av_explanations": 3, "av_max_new_tokens": 8, "seed": 1}}
+    )
+    texts, vectors, ids = av_pairs(cfg, embedded_run["av"], rows, "cpu")
+    assert len(texts) == len(ids) == 3 and vectors.shape == (3, 576) and len(set(ids)) == 3
+    by_id = rows.set_index("row_id")
+    torch.testing.assert_close(vectors, torch.from_numpy(vectors_of(by_id.loc[ids].reset_index())))
+    again = load_av(embedded_run["av"], "cpu").generate(vectors[2:], 8)  # the last row on its own
+    assert texts[2] == again[0].text
+    assert av_pairs(cfg, embedded_run["av"], rows, "cpu")[2] == ids  # a fixed-seed sample
+
+
+def test_ar_sft_without_the_av_says_how_to_fix_it(embedded_run, tmp_path):
+    from nla.ar_sft import run_ar_sft
+
+    cfg = NLAConfig.model_validate({"ar_sft": {"max_steps": 1, "av_explanations": 2}})
+    with pytest.raises(NLAError, match="needs the SFT AV.*set it to 0"):
+        run_ar_sft(cfg, embedded_run["act"], embedded_run["split"], embedded_run["labels"], tmp_path / "ar")

@@ -54,7 +54,7 @@ PARAMS = {
     "label": {"backend": "baseline", "batch_size": 8, "max_new_tokens": 12},
     "injection": {"scale": 1.0},
     "av_sft": {"batch_size": 4, "max_steps": 3, "save_steps": 0, "lora": {"r": 4, "alpha": 8}},
-    "ar_sft": {"batch_size": 4, "max_steps": 3, "lora": {"r": 4, "alpha": 8}},
+    "ar_sft": {"batch_size": 4, "max_steps": 3, "lora": {"r": 4, "alpha": 8}, "av_explanations": 0},  # gold labels only
     "evaluate": {"max_rows": 12, "max_new_tokens": 8, "batch_size": 4, "n_samples": 4},
 }
 
