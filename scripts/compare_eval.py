@@ -1,6 +1,6 @@
-"""Side-by-side table of two evaluate runs (metrics/eval.json files): every FVE with its 95% CI, both sets.
+"""Side-by-side table of evaluate runs (their eval_details.json): every FVE with its 95% CI, both sets.
 
-python scripts/compare_eval.py OLD_eval.json NEW_eval.json --names "old default" "new default" > table.md
+python scripts/compare_eval.py reports/old_default_eval_details.json reports/eval_details.json --names "old default" "new default"
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def cell(metrics: dict, key: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", help="eval.json files")
+    ap.add_argument("runs", nargs="+", help="eval_details.json files")
     ap.add_argument("--names", nargs="+", help="one column name per file")
     args = ap.parse_args()
     runs = [json.loads(Path(path).read_text(encoding="utf-8")) for path in args.runs]
