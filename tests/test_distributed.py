@@ -6,6 +6,7 @@ midway. Each launch runs several stages (`tests/distributed_worker.py`), so the 
 once per launch. The checks:
 
 * extract and evaluate (and the local labeler) give the one-process files byte for byte;
+* `accelerate launch -m nla extract` (two ranks, every setting a flag) gives the same table;
 * ar-sft (ddp and fsdp) and av-sft (ddp) give the one-process losses at the same global batch;
 * an RL step on fixed rollouts gives the one-process advantages, loss and gradients, a group
   split across the two ranks included (ddp and fsdp);
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +41,19 @@ from nla.lock import workspace_lock
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TORCHRUN = [str(Path(PY).with_name("torchrun")), "--nproc_per_node=2"]
+# Every setting a flag, so no accelerate config file is needed. `--multi_gpu` is accelerate's torchrun launcher,
+# the one it picks itself on a machine with several GPUs; without CUDA its ranks join over gloo. (`--cpu` would
+# start one process: accelerate launches several CPU processes through MPI only.)
+ACCELERATE = [
+    str(Path(PY).with_name("accelerate")),
+    "launch",
+    "--multi_gpu",
+    "--num_processes=2",
+    "--num_machines=1",
+    "--mixed_precision=no",
+    "--dynamo_backend=no",
+    "--main_process_port=0",  # a free port: another launch on this machine may hold the default one
+]
 WORKER = str(REPO / "tests" / "distributed_worker.py")
 ENV = dict(
     os.environ,
@@ -219,6 +234,27 @@ def test_two_process_extract_and_evaluate_equal_one_process_byte_for_byte(runs):
         assert sha(ev / name) == sha(one / name), name  # the same checkpoints, evaluated by two processes
     for name in ("metrics/eval.json", "reports/eval_details.json"):  # the timings are in reports/provenance
         assert sha(ev / name) == sha(one / name), name
+
+
+def test_accelerate_launch_extract_equals_one_process_byte_for_byte(runs):
+    one, acc = runs["one"], project_like(runs["one"], runs["root"] / "accelerate")
+    shutil.copytree(one / "data/corpus", acc / "data/corpus")
+    proc = subprocess.Popen(
+        [*ACCELERATE, "-m", "nla", "--params", "params.yaml", "extract"],
+        cwd=acc,
+        env={**ENV, "HF_HOME": str(runs["root"] / "hf")},  # accelerate finds no config of the user's there
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pids = {rank_pid(proc.pid, rank) for rank in (0, 1)}  # two nla processes, RANK 0 and 1, under accelerate
+    finally:
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    assert len(pids) == 2
+    assert sha(acc / "data/activations/activations.parquet") == sha(one / "data/activations/activations.parquet")
+    assert without_time(acc / "data/activations/nla_meta.yaml") == without_time(one / "data/activations/nla_meta.yaml")
 
 
 def test_local_labeler_on_two_processes_writes_the_one_process_labels(runs):
