@@ -3,8 +3,9 @@
     python benchmarks/run_all.py --size small --threads 1          # the CPU machines
     python benchmarks/run_all.py --size gpu --model path/to/model.gguf --results-dir "$OUT"
 
-A benchmark that cannot run here (say, RL before its prerequisites exist) is listed with
-its reason instead of stopping the others.
+A benchmark that cannot run here (say, RL before its prerequisites exist, or `nla serve`
+before the project has trained checkpoints) is listed with its reason instead of stopping
+the others.
 """
 
 from __future__ import annotations
@@ -20,17 +21,25 @@ import bench_ar
 import bench_extract
 import bench_rl
 import bench_rollout
+import bench_serve
 from common import ROOT, SIZES, device_label, environment, parser, setup, table
 
 from nla.config import NLAError
 from nla.io import atomic_write_text
 from nla.models import resolve_device
 
-BENCHMARKS = {"extract": bench_extract, "rollout": bench_rollout, "ar": bench_ar, "rl": bench_rl}
+BENCHMARKS = {
+    "extract": bench_extract,
+    "rollout": bench_rollout,
+    "ar": bench_ar,
+    "rl": bench_rl,
+    "serve": bench_serve,
+}
 
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
+    bench_serve.options(p)
     p.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these benchmarks")
     p.add_argument("--results-dir", default=str(ROOT / "benchmarks"), help="where results-<device>.md goes")
     args = p.parse_args()
@@ -63,7 +72,7 @@ def main() -> None:
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; size `{args.size}`; model `{args.model}`; "
             f"python {env['python']}, torch {env['torch']}, transformers {env['transformers']}",
             f"- total {time.perf_counter() - started:.0f} s. Ratio = ours / baseline, measured in the same run "
-            "(higher is better); peak MiB = torch peak allocated GPU memory of each side.",
+            "(higher is better; for seconds, lower is better); peak MiB = torch peak allocated GPU memory of each side.",
             "",
             table(results),
             "",
