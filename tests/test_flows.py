@@ -398,7 +398,7 @@ def test_served_deployment_registers_its_schedule_and_a_triggered_run_completes(
     with background(cmd, tmp_path / "serve.log", env, stop=signal.SIGINT), get_client(sync_client=True) as client:
         dep = wait_for(lambda: read_deployment(client, "nla-pipeline/test-nightly"), 120, "the deployment")
         assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in dep.schedules] == [("0 3 * * *", "UTC", True)]
-        assert dep.parameters == {"project_dir": str(project), "profile": None, "publish": False}
+        assert dep.parameters == {"project_dir": str(project), "profile": None, "publish": False, "launcher": None}
         assert dep.entrypoint == "flows.pipeline.nla_pipeline"
 
         start = time.perf_counter()

@@ -134,7 +134,9 @@ def test_av_sft_stops_on_sigint_and_resumes_from_its_checkpoint(tmp_path, sft_pr
 
 
 def test_ar_sft_stops_on_sigterm_and_resumes_from_its_checkpoint(tmp_path, sft_project, monkeypatch, capsys):  # noqa: F811
-    params = {"ar_sft": {"batch_size": 2, "epochs": 1.0, "checkpoint_every": 2}}  # 6 steps
+    params = {
+        "ar_sft": {"batch_size": 2, "epochs": 1.0, "checkpoint_every": 2, "av_explanations": 4}
+    }  # 12 + 4 rows: 8 steps
     project = retune(copy_project(sft_project, tmp_path / "p"), params)
     before = {p.name: p.read_bytes() for p in finished_files(project / "data/checkpoints/ar_sft")}
     work = project / "data/work/ar_sft"
@@ -143,7 +145,7 @@ def test_ar_sft_stops_on_sigterm_and_resumes_from_its_checkpoint(tmp_path, sft_p
     no_temp_files(project / "data")
 
     assert "ar_sft: resumed at step" in rerun(project, "ar_sft", monkeypatch, capsys)
-    assert pd.read_csv(project / "plots/ar_sft_loss.csv").step.tolist() == list(range(1, 7))
+    assert pd.read_csv(project / "plots/ar_sft_loss.csv").step.tolist() == list(range(1, 9))
 
 
 def test_rl_stops_on_sigint_and_resumes_from_its_checkpoint(tmp_path, sft_project, monkeypatch, capsys):  # noqa: F811

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 from chat_server import ChatServer, always
 from test_label import ECHO_TEMPLATE, MARKER, TEXTS, openai_cfg, outputs
-from test_reliability import NLA, make_project
+from test_reliability import NLA, make_project, sigint_as_in_a_terminal
 
 from nla.config import load_config
 from nla.errors import NLAError
@@ -231,6 +231,7 @@ def start_label(project: Path) -> subprocess.Popen:
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=sigint_as_in_a_terminal,
     )
 
 

@@ -50,7 +50,7 @@ def trained(tmp_path_factory):
             "corpus": {"max_docs": 12, "foreign": {}},
             "extract": {"max_tokens": 24, "positions_per_doc": 2, "min_position": 4},
             "av_sft": {"max_steps": 2, "batch_size": 2, "lora": lora},  # step 1 runs at lr 0 (warm-up)
-            "ar_sft": {"max_steps": 1, "batch_size": 2, "lora": lora},
+            "ar_sft": {"max_steps": 1, "batch_size": 2, "lora": lora, "av_explanations": 2, "av_max_new_tokens": 8},
             "publish": {"namespace": "nla-test", "token_env": "NLA_TEST_HF_TOKEN"},
         }
     )
@@ -65,7 +65,7 @@ def trained(tmp_path_factory):
         root / "labels" / "explanations.parquet", pd.DataFrame({"row_id": rows.row_id, "explanation": explanations})
     )
     run_av_sft(cfg, root / "act", root / "split", root / "labels", root / "av", work_dir=root / "work_av")
-    run_ar_sft(cfg, root / "act", root / "split", root / "labels", root / "ar")
+    run_ar_sft(cfg, root / "act", root / "split", root / "labels", root / "ar", av_dir=root / "av")
     (root / "eval.json").write_text(json.dumps(METRICS))
     return cfg, root
 

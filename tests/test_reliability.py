@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,15 @@ def write_corpus(project: Path, name: str, content: bytes) -> str:
 STAGE_ENV = dict(os.environ, TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
 
 
+def sigint_as_in_a_terminal() -> None:
+    """A child's Ctrl-C as a terminal delivers it, also when the suite runs as a background job.
+
+    A non-interactive shell starts background jobs with SIGINT ignored, children inherit that, and
+    `nla` keeps an inherited SIG_IGN on purpose (nla.interrupt), so the interrupt tests reset it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_stage(project: Path, stage: str, env: dict | None = None) -> subprocess.Popen:
     """`nla <stage>` as a child process (stage names may use '_' for the CLI's '-')."""
     return subprocess.Popen(
@@ -89,6 +99,7 @@ def start_stage(project: Path, stage: str, env: dict | None = None) -> subproces
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=sigint_as_in_a_terminal,
     )
 
 
