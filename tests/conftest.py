@@ -9,6 +9,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from test_reliability import build_data_project, build_sft_project  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -51,3 +52,15 @@ def embedded():
     from nla.models import load_model
 
     return load_model(ModelConfig())
+
+
+# The CLI projects on a tiny model, defined here once: a session fixture imported into several test
+# modules would be a separate fixture in each, and be rebuilt once per module.
+@pytest.fixture(scope="session")
+def data_project(tmp_path_factory):
+    return build_data_project(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def sft_project(data_project, tmp_path_factory):
+    return build_sft_project(data_project, tmp_path_factory)

@@ -20,16 +20,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_reliability import (  # noqa: F401  (session fixtures shared with that module)
+from test_reliability import (
     NLA,
     copy_project,
-    data_project,
     make_project,
     nla,
     no_temp_files,
     refused,
     retune,
-    sft_project,
     snapshot,
     write_corpus,
 )
@@ -131,7 +129,7 @@ def test_a_model_folder_of_an_unknown_model_type_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_extract_window_longer_than_the_models_context_is_refused(tmp_path, data_project):  # noqa: F811
+def test_an_extract_window_longer_than_the_models_context_is_refused(tmp_path, data_project):
     project = retune(copy_project(data_project, tmp_path / "p"), {"extract": {"max_tokens": 512}})
     before = snapshot(project)
     refused(
@@ -143,7 +141,7 @@ def test_an_extract_window_longer_than_the_models_context_is_refused(tmp_path, d
 
 
 @pytest.mark.slow
-def test_extract_says_how_many_documents_its_window_cuts(tmp_path, data_project, caplog):  # noqa: F811
+def test_extract_says_how_many_documents_its_window_cuts(tmp_path, data_project, caplog):
     from nla.config import load_config
     from nla.extract import run_extract
 
@@ -222,7 +220,7 @@ def test_explain_refuses_nan_vectors_before_loading_anything(tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_vectors_through_the_python_api_are_refused_by_the_injector(sft_project):  # noqa: F811
+def test_nan_vectors_through_the_python_api_are_refused_by_the_injector(sft_project):
     from nla.api import NLA as Api
 
     nla_ = Api.load(sft_project / "data/checkpoints/av_sft")
@@ -238,7 +236,7 @@ def truncate(path) -> None:
 
 
 @pytest.mark.slow
-def test_a_truncated_adapter_is_one_line_in_explain_and_evaluate_before_any_work(tmp_path, sft_project):  # noqa: F811
+def test_a_truncated_adapter_is_one_line_in_explain_and_evaluate_before_any_work(tmp_path, sft_project):
     project = copy_project(sft_project, tmp_path / "p")
     checkpoints = project / "data/checkpoints"
     adapter = checkpoints / "av_sft/adapter_model.safetensors"
@@ -260,7 +258,7 @@ def test_a_truncated_adapter_is_one_line_in_explain_and_evaluate_before_any_work
 
 
 @pytest.mark.slow
-def test_a_text_longer_than_the_window_is_explained_at_its_last_token_with_a_warning(tmp_path, sft_project):  # noqa: F811
+def test_a_text_longer_than_the_window_is_explained_at_its_last_token_with_a_warning(tmp_path, sft_project):
     """The tiny model's context is 256 tokens: a 10,000-token text is read through its last 256."""
     text = "the river rose near the old mill and " * 1250
     result = nla(sft_project, "explain", "--json", text)

@@ -22,17 +22,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from test_reliability import (  # noqa: F401  (fixtures shared with that module)
+from test_reliability import (
     NLA,
     STAGE_ENV,
     copy_project,
-    data_project,
     finished_files,
     make_project,
     no_temp_files,
     retune,
     run_stage,
-    sft_project,
     start_stage,
 )
 
@@ -133,7 +131,7 @@ def test_extract_killed_mid_run_resumes_from_its_shards(tmp_path):
 # ----------------------------------------------------------------------------- label, av_sft, ar_sft, rl
 
 
-def test_label_killed_mid_run_keeps_its_cached_answers(tmp_path, sft_project):  # noqa: F811
+def test_label_killed_mid_run_keeps_its_cached_answers(tmp_path, sft_project):
     """Local backend: answers cached per batch survive the kill, the rerun generates only the rest.
 
     The labeler is the project's tiny random model (fast enough to label 48 rows one at a time);
@@ -184,7 +182,7 @@ def test_label_killed_mid_run_keeps_its_cached_answers(tmp_path, sft_project):  
     no_temp_files(project / "data")
 
 
-def test_rl_killed_mid_run_continues_from_its_checkpoint(tmp_path, sft_project):  # noqa: F811
+def test_rl_killed_mid_run_continues_from_its_checkpoint(tmp_path, sft_project):
     reference = copy_project(sft_project, tmp_path / "ref")
     run_stage(reference, "rl")
 
@@ -225,7 +223,7 @@ def assert_tensors_close(a: Path, b: Path) -> None:
         assert (left[key] - right[key]).abs().max() <= 1e-5, (a.name, key)
 
 
-def test_av_sft_killed_mid_run_resumes_from_its_trainer_checkpoint(tmp_path, sft_project):  # noqa: F811
+def test_av_sft_killed_mid_run_resumes_from_its_trainer_checkpoint(tmp_path, sft_project):
     """Trainer checkpoints every `av_sft.save_steps` in data/work/av_sft; the rerun resumes from the last whole one."""
     params = {"av_sft": {"max_steps": 4, "save_steps": 2}}
     reference = retune(copy_project(sft_project, tmp_path / "ref"), params)
@@ -269,7 +267,7 @@ def test_av_sft_resumes_only_from_a_complete_checkpoint_of_the_same_run(tmp_path
     assert not list(tmp_path.glob("checkpoint-*"))
 
 
-def test_ar_sft_killed_mid_run_resumes_from_its_checkpoint(tmp_path, sft_project):  # noqa: F811
+def test_ar_sft_killed_mid_run_resumes_from_its_checkpoint(tmp_path, sft_project):
     """Needs periodic checkpoints (`ar_sft.checkpoint_every`) under data/work/ar_sft and a resume from the last one.
 
     The rerun regenerates the AV's explanations; greedy decoding gives the same texts, so the inputs'

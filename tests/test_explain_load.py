@@ -15,7 +15,6 @@ import threading
 import time
 
 import pytest
-from test_reliability import data_project, sft_project  # noqa: F401  (session fixtures)
 
 from nla.api import NLA
 from nla.explain import to_records
@@ -47,7 +46,7 @@ def peak_rss_mb(run, every_s: float = 0.002) -> float:
     return max(samples)
 
 
-def test_explaining_1000_texts_in_one_call_keeps_memory_flat(sft_project):  # noqa: F811
+def test_explaining_1000_texts_in_one_call_keeps_memory_flat(sft_project):
     nla = NLA.load(sft_project / "data/checkpoints/av_sft")
     texts = [f"Report {i}: " + "the river rose near the old mill and the bank " * 24 for i in range(1000)]
     assert 200 < len(nla.subject()[1](texts[0])["input_ids"]) <= 256  # inside the window: no text is cut

@@ -21,13 +21,11 @@ from collections.abc import Callable
 import pandas as pd
 import pytest
 import yaml
-from test_reliability import (  # noqa: F401  (session fixtures shared with that module)
+from test_reliability import (
     copy_project,
-    data_project,
     finished_files,
     no_temp_files,
     retune,
-    sft_project,
     start_stage,
 )
 
@@ -72,7 +70,7 @@ def rerun(project, stage: str, monkeypatch, capsys) -> str:
     return capsys.readouterr().out
 
 
-def test_extract_stops_on_sigterm_and_resumes_from_its_shards(tmp_path, data_project, monkeypatch, capsys):  # noqa: F811
+def test_extract_stops_on_sigterm_and_resumes_from_its_shards(tmp_path, data_project, monkeypatch, capsys):
     """200 one-document shards on the tiny model: SIGTERM after 5; the rerun keeps them and adds the rest."""
     project = retune(copy_project(data_project, tmp_path / "p"), {"extract": {"shard_docs": 1}})
     docs = pd.DataFrame(
@@ -119,7 +117,7 @@ def test_extract_stops_on_sigterm_and_resumes_from_its_shards(tmp_path, data_pro
     assert not list(work.rglob("*.parquet"))  # done: the shards are gone
 
 
-def test_av_sft_stops_on_sigint_and_resumes_from_its_checkpoint(tmp_path, sft_project, monkeypatch, capsys):  # noqa: F811
+def test_av_sft_stops_on_sigint_and_resumes_from_its_checkpoint(tmp_path, sft_project, monkeypatch, capsys):
     project = retune(copy_project(sft_project, tmp_path / "p"), {"av_sft": {"max_steps": 4, "save_steps": 2}})
     before = {p.name: p.read_bytes() for p in finished_files(project / "data/checkpoints/av_sft")}
     work = project / "data/work/av_sft"
@@ -133,7 +131,7 @@ def test_av_sft_stops_on_sigint_and_resumes_from_its_checkpoint(tmp_path, sft_pr
     assert pd.read_csv(project / "plots/av_sft_loss.csv").step.tolist() == [1, 2, 3, 4]
 
 
-def test_ar_sft_stops_on_sigterm_and_resumes_from_its_checkpoint(tmp_path, sft_project, monkeypatch, capsys):  # noqa: F811
+def test_ar_sft_stops_on_sigterm_and_resumes_from_its_checkpoint(tmp_path, sft_project, monkeypatch, capsys):
     params = {
         "ar_sft": {"batch_size": 2, "epochs": 1.0, "checkpoint_every": 2, "av_explanations": 4}
     }  # 12 + 4 rows: 8 steps
@@ -148,7 +146,7 @@ def test_ar_sft_stops_on_sigterm_and_resumes_from_its_checkpoint(tmp_path, sft_p
     assert pd.read_csv(project / "plots/ar_sft_loss.csv").step.tolist() == list(range(1, 9))
 
 
-def test_rl_stops_on_sigint_and_resumes_from_its_checkpoint(tmp_path, sft_project, monkeypatch, capsys):  # noqa: F811
+def test_rl_stops_on_sigint_and_resumes_from_its_checkpoint(tmp_path, sft_project, monkeypatch, capsys):
     project = copy_project(sft_project, tmp_path / "p")
     assert yaml.safe_load((project / "params.yaml").read_text())["rl"]["checkpoint_every"] == 2
     state = project / "data/work/rl/checkpoint/state.pt"

@@ -461,9 +461,11 @@ PIPELINE = {
 }
 
 
-@pytest.fixture(scope="session")
-def data_project(tmp_path_factory) -> Path:
-    """corpus → extract → split through the CLI on a tiny random llama (d=32, 3 blocks, layer 1): 48 rows."""
+def build_data_project(tmp_path_factory) -> Path:
+    """corpus → extract → split through the CLI on a tiny random llama (d=32, 3 blocks, layer 1): 48 rows.
+
+    The session fixture `data_project` (conftest.py) builds it once for every module that uses it.
+    """
     from transformers import LlamaConfig
 
     root = tmp_path_factory.mktemp("pipeline")
@@ -475,9 +477,8 @@ def data_project(tmp_path_factory) -> Path:
     return project
 
 
-@pytest.fixture(scope="session")
-def sft_project(data_project, tmp_path_factory) -> Path:
-    """`data_project` + label (baseline) → av_sft → ar_sft."""
+def build_sft_project(data_project: Path, tmp_path_factory) -> Path:
+    """`data_project` + label (baseline) → av_sft → ar_sft (the session fixture `sft_project`, conftest.py)."""
     project = copy_project(data_project, tmp_path_factory.mktemp("sft") / "project")
     for stage in ("label", "av_sft", "ar_sft"):
         run_stage(project, stage)
