@@ -103,9 +103,10 @@ class Result:
         return {**asdict(self), "ratio": self.ratio}
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, sizes: dict[str, Any] = SIZES, default_size: str = "small") -> argparse.ArgumentParser:
+    """The options every benchmark shares; `sizes`: a benchmark with its own workloads names them here."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--size", choices=sorted(sizes), default=default_size)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--model", default="embedded", help="model.name: embedded, a .gguf path, a folder or a hub id")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, fp32 on cpu) | float32 | bfloat16")
@@ -231,6 +232,34 @@ def table(results: list[Result]) -> str:
             f"{num(r.baseline)} ({r.baseline_label}) | {ratio} | {peak} | {r.check} |"
         )
     return "\n".join(lines)
+
+
+def extra_sections(path: str | Path) -> str:
+    """The `## ` sections of a results file: written by other scripts, kept when run_all rewrites its table."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    start = text.find("\n## ")
+    return "" if start < 0 else text[start:].strip("\n") + "\n"
+
+
+def replace_section(path: str | Path, heading: str, body: str) -> None:
+    """Write `## heading` + `body` into the markdown file `path` (atomically), replacing that section if present.
+
+    A section runs from its heading to the next `## ` heading or the end of the file; the rest is kept.
+    """
+    from nla.io import atomic_write_text
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    marker = f"## {heading}\n"
+    section = f"{marker}\n{body.strip()}\n"
+    if (start := text.find(marker)) >= 0:
+        end = text.find("\n## ", start + len(marker))
+        rest = "" if end < 0 else text[end:].lstrip("\n")
+        text = text[:start] + section + ("\n" + rest if rest else "")
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + section
+    atomic_write_text(path, text)
 
 
 def emit(results: list[Result], out: str | None) -> None:

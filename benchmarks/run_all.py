@@ -22,7 +22,7 @@ import bench_extract
 import bench_rl
 import bench_rollout
 import bench_serve
-from common import ROOT, SIZES, device_label, environment, parser, setup, table
+from common import ROOT, SIZES, device_label, environment, extra_sections, parser, setup, table
 
 from nla.config import NLAError
 from nla.io import atomic_write_text
@@ -87,7 +87,8 @@ def main() -> None:
         ]
     )
     path = Path(args.results_dir) / f"results-{device.type}.md"
-    atomic_write_text(path, report)
+    kept = extra_sections(path)  # sections other scripts wrote (bench_precision.py) stay
+    atomic_write_text(path, report + ("\n" + kept if kept else ""))
     if args.out:
         atomic_write_text(args.out, lines)
     print(report)
