@@ -26,7 +26,7 @@ The effects table puts bf16 − fp32 next to (fp32, next seed) − fp32: a train
 effect smaller than the seed's is noise. A rerun with the same seed gives the same numbers
 (CPU training is deterministic for a fixed thread count).
 
-    python benchmarks/bench_precision.py                       # ~8 min on 2 cores
+    python benchmarks/bench_precision.py                       # ~9 min on 2 cores
     python benchmarks/bench_precision.py --size tiny           # ~2 min: a smoke run
     python benchmarks/bench_precision.py --results benchmarks/results-cpu.md   # + its section there
 """
@@ -72,7 +72,10 @@ SECTION = "Precision: fp32 vs bf16 autocast (bench_precision.py)"
 
 @dataclass(frozen=True)
 class PrecisionSize:
-    """The workload: corpus and rows, steps per training stage, RL and evaluate shapes, rounds per side."""
+    """The workload: corpus and rows, steps per training stage, RL and evaluate shapes.
+
+    `rounds`: timed calls per side of extract, rl and evaluate (training stages: `training_runs`).
+    """
 
     docs: int
     max_tokens: int
@@ -107,7 +110,7 @@ SIZES = {
         eval_new_tokens=8,
         rounds=1,
     ),
-    # the 2-core CPU machines: about 8 minutes. The AR needs ~80 steps to beat the mean (FVE > 0) on these rows.
+    # the 2-core CPU machines: about 9 minutes. The AR needs ~80 steps to beat the mean (FVE > 0) on these rows.
     "small": PrecisionSize(
         docs=72,
         max_tokens=96,
@@ -523,7 +526,8 @@ def report(args, results: list[Result], effects: list[Effect], facts: dict[str, 
         f"torch {env['torch']}, transformers {env['transformers']}",
         f"- load average (1, 5, 15 min) at the start {facts['load_start']}, at the end {facts['load_end']}; "
         f"total {facts['total_seconds']:.0f} s (rows built in {facts['setup_seconds']:.0f} s)",
-        "- ratio = bf16 / fp32 speed, both measured in this run with rounds alternating; "
+        "- ratio = bf16 / fp32 speed, both measured in this run with rounds alternating (training stages: fp32, "
+        "bf16, fp32 with the next seed); "
         "'ours' is bf16 autocast, 'baseline' fp32 (`model.autocast: off`).",
         "",
         table(results),
