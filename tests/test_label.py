@@ -66,6 +66,21 @@ N_LABELED = 20  # 12 docs × 2 rows, minus the 4 rl rows
 MARKER_ROWS = {"doc-05:4", "doc-05:10"}  # contexts that contain MARKER
 
 
+def activation_row(d: int, words: list[str], n: int, vector: np.ndarray) -> dict:
+    """One row of the extract table: document `d` read after its first `n` words."""
+    return {
+        "row_id": f"doc-{d:02d}:{n - 1}",
+        "doc_id": f"doc-{d:02d}",
+        "position": n - 1,
+        "n_tokens": len(words),
+        "token_id": n,
+        "token": " " + words[n - 1],
+        "prefix": " ".join(words[:n]),
+        "norm": float(np.linalg.norm(vector)),
+        "vector": vector,
+    }
+
+
 def write_dataset(root: Path) -> tuple[Path, Path]:
     """An activations + splits pair in the extract/split formats: 2 rows per document."""
     rows, split_rows = [], []
@@ -73,20 +88,7 @@ def write_dataset(root: Path) -> tuple[Path, Path]:
     for d, (text, split) in enumerate(zip(TEXTS, SPLITS, strict=True)):
         words = text.split(" ")
         for n in (5 if d == 5 else 7, 11):  # doc-05:4 ends "...company ㈱ said its": the marker is a recent word
-            vector = rng.standard_normal(8).astype(np.float32)
-            rows.append(
-                {
-                    "row_id": f"doc-{d:02d}:{n - 1}",
-                    "doc_id": f"doc-{d:02d}",
-                    "position": n - 1,
-                    "n_tokens": len(words),
-                    "token_id": n,
-                    "token": " " + words[n - 1],
-                    "prefix": " ".join(words[:n]),
-                    "norm": float(np.linalg.norm(vector)),
-                    "vector": vector,
-                }
-            )
+            rows.append(activation_row(d, words, n, rng.standard_normal(8).astype(np.float32)))
             split_rows.append({"row_id": rows[-1]["row_id"], "doc_id": f"doc-{d:02d}", "split": split})
     act, spl = root / "act", root / "split"
     write_table(act / "activations.parquet", pd.DataFrame(rows))

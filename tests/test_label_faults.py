@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from chat_server import ChatServer, always
-from test_label import ECHO_TEMPLATE, MARKER, TEXTS, openai_cfg, outputs
+from test_label import ECHO_TEMPLATE, MARKER, TEXTS, activation_row, openai_cfg, outputs
 from test_reliability import NLA, make_project, sigint_as_in_a_terminal
 
 from nla.config import load_config
@@ -41,22 +41,8 @@ def write_rows(root: Path, per_doc: int = 5) -> int:
     for d, text in enumerate(TEXTS):
         words = text.split(" ")
         for n in range(4, 4 + per_doc):
-            vector = rng.standard_normal(8).astype(np.float32)
-            row_id = f"doc-{d:02d}:{n - 1}"
-            rows.append(
-                {
-                    "row_id": row_id,
-                    "doc_id": f"doc-{d:02d}",
-                    "position": n - 1,
-                    "n_tokens": len(words),
-                    "token_id": n,
-                    "token": " " + words[n - 1],
-                    "prefix": " ".join(words[:n]),
-                    "norm": float(np.linalg.norm(vector)),
-                    "vector": vector,
-                }
-            )
-            split_rows.append({"row_id": row_id, "doc_id": f"doc-{d:02d}", "split": SPLITS[d % 4]})
+            rows.append(activation_row(d, words, n, rng.standard_normal(8).astype(np.float32)))
+            split_rows.append({"row_id": rows[-1]["row_id"], "doc_id": f"doc-{d:02d}", "split": SPLITS[d % 4]})
     act, spl = root / "data/activations", root / "data/split"
     write_table(act / "activations.parquet", pd.DataFrame(rows))
     write_sidecar(act, make_meta("nla_dataset", "extract", base_model="test-model", d_model=8, layer=0, rows=len(rows)))
