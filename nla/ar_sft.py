@@ -48,6 +48,9 @@ from nla.sidecar import read_sidecar, sidecar_path
 AR_CHECKPOINT, AR_STATE_FILE = "checkpoint", "state.pt"  # mid-run state of ar_sft, under its work folder
 TIMINGS = ("ar_sft_seconds", "ar_sft_tokens_per_s")  # of `fit_ar`'s metrics: run facts (nla.provenance), not results
 
+# Greedy decoding reads every weight once per step whatever the batch: wide batches amortise the reads.
+AV_BATCH = 128
+
 
 # ----------------------------------------------------------------------------- training
 
@@ -218,7 +221,7 @@ def av_pairs(cfg: NLAConfig, av_dir: str | Path, rows, device: str = "auto") -> 
     av = load_av(av_dir, device, layer=cfg.model.layer)
     try:
         with autocast(av.device, model_autocast(av.model, cfg.model.autocast)):  # decoding only: no weights cached
-            explanations = av.generate(vectors, cfg.ar_sft.av_max_new_tokens, temperature=0.0, batch_size=32)
+            explanations = av.generate(vectors, cfg.ar_sft.av_max_new_tokens, temperature=0.0, batch_size=AV_BATCH)
     finally:
         del av
         release_memory()

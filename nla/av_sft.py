@@ -90,9 +90,17 @@ def av_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # bind, not `bound`: the backward (and gradient-checkpointing recomputes) run after this returns.
             self.injector.bind(inputs.pop("nla_vectors"))
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
+            loss, correct, n_valid = completion_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as TRL: DDP averages the gradients over ranks
+            mode = "train" if model.training else "eval"
+            gather = self.accelerator.gather_for_metrics
+            accuracy = gather(correct).sum() / gather(n_valid).sum().clamp(min=1)
+            self._metrics[mode]["mean_token_accuracy"].append(accuracy.item())
+            if mode == "train":
+                self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return (loss, None) if return_outputs else loss
 
         def _save_checkpoint(self, model, trial) -> None:
             if self.state.global_step >= self.state.max_steps:
@@ -106,6 +114,34 @@ def av_trainer_class():
             distributed.barrier()
 
     return AVTrainer
+
+
+def completion_loss(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy on the completion tokens only: (loss, top-1 hits, target count).
+
+    The LM head runs only from the first completion position on (`logits_to_keep`): the shared AV prompt
+    is most of each row, and the full-vocabulary logits (or TRL's chunked log-prob kernel over every
+    position) cost more on a CPU than the rest of the step. The loss is the sum over the batch's
+    targets divided by `num_items_in_batch` (the targets of the whole accumulated step), as TRL's.
+    """
+    labels = inputs["labels"]  # (batch, seq), -100 off the completion
+    targets = labels != -100
+    first = int(targets.int().argmax(-1)[targets.any(-1)].min()) if targets.any() else labels.shape[1] - 1
+    logits = model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        use_cache=False,
+        logits_to_keep=labels.shape[1] - first + 1,  # positions first-1 .. seq-1 (right padding)
+    ).logits  # (batch, seq - first + 1, vocab)
+    predicted, wanted = logits[:, :-1].float(), labels[:, first:]  # position t predicts token t + 1
+    loss_sum = torch.nn.functional.cross_entropy(predicted.flatten(0, 1), wanted.flatten(), reduction="sum")
+    mask = wanted != -100
+    n_valid = mask.sum()
+    loss = loss_sum / torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else n_valid).clamp(min=1)
+    correct = ((predicted.argmax(-1) == wanted) & mask).sum()
+    return loss, correct, n_valid
 
 
 def clear_checkpoints(work_dir: Path, keep: Path | None = None) -> None:

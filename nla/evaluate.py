@@ -16,12 +16,15 @@ documents (`_lo`, `_hi`). Series:
       shuffled     another row's gold label          empty       the empty explanation
       mean         predict ū (FVE 0 by construction) const       the best constant direction ū/‖ū‖
       copy         the label format filled from the context alone (no AV, no model)
-      final_only   only the last line of the gold label (the final-token feature)
+      final_only   only the last line of the gold label (the final-token feature, with what the
+                   grounded labeler adds there: the subject model's top next tokens)
+      token_only   that line cut to the token itself ('Final token "X".')
       untrained    the base model with injection and no fine-tuning, as the AV
 
 Collapse diagnostics per AV and set: the share of distinct explanations, the share of the
 explanations' content words that occur in the context, and the share of the most frequent
-explanation (its text goes to the report). All figures go to one flat metrics JSON; the
+explanation (its text goes to the report), and `token_match`: the share of rows whose explanation names the
+gold label's final token. All figures go to one flat metrics JSON; the
 report (`samples_path`) shows them as tables, then samples.
 """
 
@@ -55,7 +58,7 @@ from nla.sidecar import read_sidecar, require
 
 REQUIRED_CHECKPOINTS = ("av_sft", "ar_sft")
 SETS = {"": "eval", "_foreign": FOREIGN}  # metric-key suffix -> split
-CONTROLS = ("shuffled", "empty", "mean", "const", "copy", "final_only", "untrained")
+CONTROLS = ("shuffled", "empty", "mean", "const", "copy", "final_only", "token_only", "untrained")
 # What `dvc metrics show` lists for evaluate (short name -> key of the full metrics): the round trips and
 # the two strongest controls, few enough that the whole table fits 160 columns. Every number, these
 # included, goes to the details file under its full name.
@@ -68,6 +71,7 @@ HEADLINE = {
     "fve_sft": "fve_roundtrip_sft",
 }
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]+")
+_FINAL_TOKEN = re.compile(r'Final token:? ("(?:[^"\\]|\\.)*")')  # the token named by the final feature, quoted
 # Words of the label format itself, not of what it describes.
 FORMAT_WORDS = frozenset(
     [
@@ -194,6 +198,21 @@ def final_line(explanations: list[str]) -> list[str]:
     return [e.split(FEATURE_SEP)[-1] for e in explanations]
 
 
+def _final_token(explanation: str) -> re.Match | None:
+    return _FINAL_TOKEN.search(explanation.split(FEATURE_SEP)[-1])
+
+
+def named_token(explanation: str) -> str | None:
+    """The quoted token that the explanation's final feature names, or None if it names none."""
+    found = _final_token(explanation)
+    return found.group(1) if found else None
+
+
+def token_only(explanations: list[str]) -> list[str]:
+    """The final feature cut to the token it names ('Final token "X".'): what knowing the token alone gives."""
+    return [f"{found.group(0)}." if (found := _final_token(e)) else e.split(FEATURE_SEP)[-1] for e in explanations]
+
+
 def collapse_stats(texts: list[str], contexts: list[str]) -> tuple[dict[str, float], str]:
     """(distinct share, share of content words found in the context, top explanation's share), and its text."""
     counts = Counter(texts)
@@ -247,6 +266,7 @@ def _ar_controls(data: _Set, ar: AR, mean_unit: torch.Tensor, cfg: NLAConfig) ->
     copies = copy_of_context(data.rows, cfg.label.context_tokens, inj.marker_ranges, inj.marker_char)
     data.score("copy", reconstruct(ar, copies, bs))
     data.score("final_only", reconstruct(ar, final_line(gold), bs))
+    data.score("token_only", reconstruct(ar, token_only(gold), bs))
 
 
 def run_evaluate(
@@ -371,6 +391,11 @@ def _metrics(sets: dict[str, _Set], cfg: NLAConfig) -> tuple[dict[str, float], d
         for name, texts in data.texts.items():
             stats, top_texts[f"{name}{suffix}"] = collapse_stats(texts, contexts)
             metrics |= {f"{key}_{name}{suffix}": value for key, value in stats.items()}
+            gold = [named_token(e) for e in rows.explanation]
+            named = [named_token(t) for t in texts]
+            metrics[f"token_match_{name}{suffix}"] = float(
+                np.mean([g is not None and g == n for g, n in zip(gold, named, strict=True)])
+            )
             metrics |= length_stats(data.tokens[name], f"expl_{name}{suffix}", data.closed[name])
     return metrics, top_texts
 
