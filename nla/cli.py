@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from nla.allocator import keep_freed_memory
 from nla.config import PATHS, NLAConfig, load_config, set_param
 from nla.errors import NLAError
 from nla.interrupt import exit_interrupted, install_signal_handlers
@@ -170,6 +171,7 @@ def _stage_evaluate(cfg: NLAConfig, args) -> None:
         P.plots,
         Path(P.reports) / "samples.md",
         details_path=Path(P.reports) / "eval_details.json",
+        rows_path=Path(P.reports) / "eval_rows.jsonl",
         provenance_path=_provenance("evaluate"),
     )
     print("evaluate: " + ", ".join(f"{short}={metrics[key]:.3f}" for short, key in HEADLINE.items() if key in metrics))
@@ -495,6 +497,7 @@ def _relaunch(args, argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # before the first large tensor
     install_signal_handlers(f"nla {args.command}")  # SIGINT and SIGTERM unwind the stage, then exit 130 / 143
     try:
         _relaunch(args, argv)

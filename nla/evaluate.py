@@ -30,6 +30,7 @@ report (`samples_path`) shows them as tables, then samples.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections import Counter
@@ -280,13 +281,15 @@ def run_evaluate(
     samples_path: str | Path,
     *,
     details_path: str | Path | None = None,
+    rows_path: str | Path | None = None,
     provenance_path: str | Path | None = None,
 ) -> dict[str, float]:
     """Score every series and control on the held-out and foreign sets; write metrics, plots and the report.
 
     `checkpoints`: av_sft and ar_sft (required), av_rl and ar_rl (optional, both or neither).
     Models load one at a time. Writes `metrics_path` (the headline, `HEADLINE`), `details_path` (every
-    metric returned here, flat JSON; default `<metrics>_details.json`), `plots_dir`/fve_by_checkpoint.csv
+    metric returned here, flat JSON; default `<metrics>_details.json`), `rows_path` (optional: one JSON line
+    per row, `write_rows`), `plots_dir`/fve_by_checkpoint.csv
     and fve_by_position.csv, `samples_path` (markdown: tables, then samples) and the timing to
     `provenance_path`.
     """
@@ -319,6 +322,8 @@ def run_evaluate(
     if distributed.is_main():  # every rank holds the same numbers; one writes them
         write_json(metrics_path, {short: metrics[key] for short, key in HEADLINE.items() if key in metrics})
         write_json(details_path or metrics_path.with_name(f"{metrics_path.stem}_details.json"), metrics)
+        if rows_path is not None:
+            write_rows(Path(rows_path), sets)
         write_provenance(provenance_path or beside(metrics_path), "evaluate", eval_seconds=time.perf_counter() - start)
         _write_plots(Path(plots_dir), sets)
         _write_report(Path(samples_path), sets, metrics, top_texts, ev.n_samples)
@@ -400,6 +405,45 @@ def _metrics(sets: dict[str, _Set], cfg: NLAConfig) -> tuple[dict[str, float], d
     return metrics, top_texts
 
 
+def write_rows(path: Path, sets: dict[str, _Set]) -> None:
+    """One JSON line per scored row: its token, gold label, each AV's explanation, and each series'
+    mse_nrm with the row's ‖u − ū‖², so any per-row FVE or subset mean can be recomputed from it."""
+    lines = []
+    for suffix, data in sets.items():
+        for i, row in enumerate(data.rows.itertuples()):
+            record = {
+                "set": SETS[suffix],
+                "row_id": row.row_id,
+                "token": row.token,
+                "gold": row.explanation,
+                "explanations": {name: texts[i] for name, texts in data.texts.items()},
+                "mse_nrm": {name: round(float(mse[i]), 6) for name, mse in data.mse.items()},
+                "deviation": round(float(data.deviation[i]), 6),
+            }
+            lines.append(json.dumps(record, ensure_ascii=False, sort_keys=True))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def token_breakdown(data: _Set) -> list[tuple[str, float, int, float, float]]:
+    """Per AV: (name, share of rows naming the gold final token, those rows' count, their round-trip FVE and
+    their final-token-only FVE). Where the round trip loses to the final-token line: on the rows it names
+    the token, or on the rows it misses."""
+    gold = [named_token(e) for e in data.rows.explanation]
+    denominator = float(data.deviation.mean())
+    out = []
+    for name, texts in data.texts.items():
+        if name == "untrained":  # free prose: it names no final token
+            continue
+        series = f"roundtrip_{name}"
+        right = torch.tensor([g is not None and g == named_token(t) for g, t in zip(gold, texts, strict=True)])
+        for subset, label in ((right, "named"), (~right, "missed")):
+            if subset.any():
+                fve = 1 - float(data.mse[series][subset].mean()) / denominator
+                control = 1 - float(data.mse["final_only"][subset].mean()) / denominator
+                out.append((f"{name}, token {label}", float(subset.float().mean()), int(subset.sum()), fve, control))
+    return out
+
+
 def _write_plots(plots_dir: Path, sets: dict[str, _Set]) -> None:
     """fve_by_checkpoint.csv (checkpoint, fve: one row per series and set) and fve_by_position.csv (held-out
     set: one row per power-of-two position bucket, x = `position_bucket`, y = `fve` = the last pair's round
@@ -466,6 +510,16 @@ def _write_report(
                 f"| {name} | {SETS[suffix]} | {metrics[f'distinct_{key}']:.2f} | {metrics[f'in_context_{key}']:.2f} "
                 f"| {metrics[f'top_share_{key}']:.2f} | {top} |"
             )
+    lines += [
+        "",
+        "## Round trip against the final-token line, by whether the AV names the final token",
+        "",
+        "| set | AV, rows | share | rows | round-trip FVE | final_only FVE on those rows |",
+        "|---|---|---|---|---|---|",
+    ]
+    for suffix, data in sets.items():
+        for label, share, n, fve, control in token_breakdown(data):
+            lines.append(f"| {SETS[suffix]} | {label} | {share:.2f} | {n} | {fve:+.3f} | {control:+.3f} |")
     for suffix, data in sets.items():
         lines += ["", f"# Sample explanations ({SETS[suffix]} rows)", ""]
         for i in range(min(n_samples, len(data.rows))):

@@ -285,3 +285,36 @@ def test_bf16_autocast_training_steps_still_learn():
     assert ours[-1] < ours[0] - 0.5  # it learns
     cached = losses(cache_enabled=True)
     assert abs(cached[-1] - cached[0]) < abs(ours[-1] - ours[0]) / 2  # the cached region does not (why it exists)
+
+
+def test_completion_loss_equals_the_full_logits_loss_and_its_gradient():
+    """The AV-SFT loss runs the LM head on the completion positions only; it must be the mean next-token
+    NLL of the completion tokens over the full logits, gradient included, with ragged completions."""
+    from conftest import tiny_model
+
+    from nla.av_sft import completion_loss
+
+    model = tiny_model("llama").train()
+    ids = torch.randint(5, 500, (3, 20), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    attention = torch.ones_like(ids)
+    for row, (first, end) in enumerate([(12, 20), (12, 17), (14, 19)]):  # prompt, completion, right padding
+        labels[row, first:end] = ids[row, first:end]
+        attention[row, end:] = 0
+    inputs = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+    loss, correct, n_valid = completion_loss(model, inputs, None)
+    loss.backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]  # position t predicts t + 1
+    full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())  # mean over targets
+    full.backward()
+
+    assert int(n_valid) == 8 + 5 + 5
+    assert float(loss) == pytest.approx(float(full), rel=1e-5)
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(ours, model.parameters(), strict=True))
+    hits = ((logits.argmax(-1) == labels[:, 1:]) & (labels[:, 1:] != -100)).sum()
+    assert int(correct) == int(hits)
+    # Accumulated steps divide by the tokens of the whole step, as TRL does.
+    assert float(completion_loss(model, inputs, 36)[0]) == pytest.approx(float(full) / 2, rel=1e-5)

@@ -230,7 +230,12 @@ def test_two_process_extract_and_evaluate_equal_one_process_byte_for_byte(runs):
     one, two, ev = runs["one"], runs["two"], runs["ev"]
     assert sha(two / "data/activations/activations.parquet") == sha(one / "data/activations/activations.parquet")
     assert without_time(two / "data/activations/nla_meta.yaml") == without_time(one / "data/activations/nla_meta.yaml")
-    for name in ("plots/fve_by_checkpoint.csv", "plots/fve_by_position.csv", "reports/samples.md"):
+    for name in (
+        "plots/fve_by_checkpoint.csv",
+        "plots/fve_by_position.csv",
+        "reports/samples.md",
+        "reports/eval_rows.jsonl",
+    ):
         assert sha(ev / name) == sha(one / name), name  # the same checkpoints, evaluated by two processes
     for name in ("metrics/eval.json", "reports/eval_details.json"):  # the timings are in reports/provenance
         assert sha(ev / name) == sha(one / name), name

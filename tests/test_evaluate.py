@@ -106,8 +106,16 @@ def test_evaluate_writes_every_metric_plot_and_sample(embedded_run, tmp_path):
         tmp_path / "metrics" / "eval.json",
         tmp_path / "plots",
         tmp_path / "samples.md",
+        rows_path=tmp_path / "rows.jsonl",
     )
     saved = json.loads((tmp_path / "metrics" / "eval_details.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == metrics["n_rows"] and {r["set"] for r in rows} == {"eval"}
+    deviation = np.mean([r["deviation"] for r in rows])
+    for series in ("ar_gold", "roundtrip_sft", "final_only", "token_only"):  # the rows give back every mean
+        fve = 1 - np.mean([r["mse_nrm"][series] for r in rows]) / deviation
+        assert fve == pytest.approx(metrics[f"fve_{series}"], abs=1e-4), series
+    assert set(rows[0]["explanations"]) == {"sft", "untrained", "rl"}
     assert saved == pytest.approx(metrics)
     headline = json.loads((tmp_path / "metrics" / "eval.json").read_text())  # what `dvc metrics show` lists
     # The headline holds what was measured: this corpus has no foreign set, so no `_foreign` keys.
@@ -128,6 +136,8 @@ def test_evaluate_writes_every_metric_plot_and_sample(embedded_run, tmp_path):
         "fve_const",
         "fve_copy",
         "fve_final_only",
+        "fve_token_only",
+        "token_match_sft",
         "fve_untrained",
         "fve_roundtrip_rl_lo",
         "fve_roundtrip_rl_hi",
@@ -166,6 +176,7 @@ def test_evaluate_writes_every_metric_plot_and_sample(embedded_run, tmp_path):
     samples = (tmp_path / "samples.md").read_text()
     assert samples.count("\n## doc-") == min(cfg.evaluate.n_samples, metrics["n_rows"])  # no foreign set here
     assert "## Collapse diagnostics" in samples and "| roundtrip_sft |" in samples
+    assert "| eval | sft, token named |" in samples or "| eval | sft, token missed |" in samples
     assert "**gold label**" in samples and "**AV sft**" in samples and "round-trip FVE" in samples
 
 
@@ -198,6 +209,19 @@ def test_evaluate_scores_the_foreign_set_with_the_same_controls(embedded_run, tm
     assert metrics["n_docs"] == len(eval_docs) - len(eval_docs) // 2
     assert metrics["fve_mean_foreign"] == pytest.approx(0.0, abs=1e-6)
     assert "foreign FVE" in (tmp_path / "samples.md").read_text()
+
+
+def test_token_only_keeps_the_named_token_and_token_match_compares_it():
+    """The token-only control is the final feature cut to its token, in the label's own wording."""
+    from nla.evaluate import named_token, token_only
+
+    grounded = 'Topic: war, army.\nBefore: "the army".\nFinal token "fired"; next likely: "on", "at", ".".'
+    baseline = 'Topic: war.\nFinal token: "fired" (word).'
+    assert token_only([grounded, baseline]) == ['Final token "fired".', 'Final token: "fired".']
+    assert named_token(grounded) == named_token(baseline) == '"fired"'
+    assert named_token('Final token "say \\"hi\\""; next likely: ".".') == '"say \\"hi\\""'  # escaped quotes
+    assert named_token('Topic: war.\nBefore: "the".') is None  # no final-token feature: nothing named
+    assert token_only(["free prose"]) == ["free prose"]
 
 
 def test_bootstrap_interval_resamples_documents():
