@@ -16,13 +16,14 @@ SERIES = (
     "ar_gold_rl",
     "copy",
     "final_only",
+    "token_only",
     "untrained",
     "shuffled",
     "empty",
     "mean",
     "const",
 )
-DIAGNOSTICS = ("distinct", "in_context", "top_share")
+DIAGNOSTICS = ("distinct", "in_context", "top_share", "token_match")
 
 
 def cell(metrics: dict, key: str) -> str:
