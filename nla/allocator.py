@@ -3,9 +3,9 @@
 A training or decoding step allocates and frees tensors of tens of MB (logits, attention and MLP
 activations, their gradients). Above its mmap threshold glibc serves each one from a fresh `mmap`
 and unmaps it on free, so the kernel zeroes every page again on first touch: on the embedded CPU
-default that was a third of an AV-SFT step (system time 12 s of 48 s for 16 steps; 1.5x faster
-with the thresholds raised, `benchmarks/bench_allocator.py`). Raising the mmap and trim thresholds
-keeps the pages in the heap for reuse. The price is a resident size that stays at its peak, which a
+default that was up to a quarter of an AV-SFT process's CPU time (system time 6-12 s of 48 s for
+16 steps). Raising the mmap and trim thresholds keeps the pages in the heap for reuse: 1.1x to 1.5x
+faster steps, varying with the machine's state (`benchmarks/bench_allocator.py`). The price is a resident size that stays at its peak, which a
 stage process reaches anyway.
 """
 
