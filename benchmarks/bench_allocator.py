@@ -28,6 +28,8 @@ from pathlib import Path
 
 from common import ROOT, replace_section
 
+from nla.config import set_param
+
 HEADING = "Allocator: glibc thresholds raised vs defaults (bench_allocator.py)"
 
 
@@ -43,16 +45,7 @@ def run_side(project: Path, work: Path, steps: int, system_malloc: bool) -> dict
     env.pop("NLA_SYSTEM_MALLOC", None)
     if system_malloc:
         env["NLA_SYSTEM_MALLOC"] = "1"
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            f"from nla.config import set_param; set_param('params.yaml', 'av_sft.max_steps', {steps})",
-        ],
-        cwd=work,
-        env=env,
-        check=True,
-    )
+    set_param(work / "params.yaml", "av_sft.max_steps", steps)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "nla.cli", "av-sft"], cwd=work, env=env, check=True, capture_output=True)

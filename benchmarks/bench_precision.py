@@ -265,22 +265,28 @@ def training_runs(cfg: NLAConfig, fit: Callable[[NLAConfig, str], tuple[float, d
     return {"fp32": [first, fit(reseeded, "fp32_seed")], "bf16": [bf16]}
 
 
+def train_stage(run_stage, cfg: NLAConfig, paths: dict[str, Path], out: Path, seconds_key: str) -> tuple[dict, float]:
+    """One SFT stage (`run_av_sft` or `run_ar_sft`) into `out`, its work and provenance beside it: (metrics, seconds)."""
+    provenance = out.with_name(f"{out.name}_provenance.json")
+    metrics = run_stage(
+        cfg,
+        paths["act"],
+        paths["split"],
+        paths["labels"],
+        out,
+        work_dir=out.parent / "work" / out.name,
+        provenance_path=provenance,
+    )
+    return metrics, json.loads(provenance.read_text())[seconds_key]
+
+
 def bench_av_sft(cfg: NLAConfig, size: PrecisionSize, paths: dict[str, Path], root: Path, held: pd.DataFrame):
     """k steps of `run_av_sft` per side; held-out completion loss of each AV in fp32. Returns (rows, effects, av dirs)."""
     vectors, texts = torch.from_numpy(vectors_of(held)), held.explanation.tolist()
 
     def fit(run_cfg: NLAConfig, name: str) -> tuple[float, dict]:
         out = root / f"av_{name}"
-        metrics = run_av_sft(
-            run_cfg,
-            paths["act"],
-            paths["split"],
-            paths["labels"],
-            out,
-            work_dir=root / "work" / out.name,
-            provenance_path=root / f"{out.name}_provenance.json",
-        )
-        seconds = json.loads((root / f"{out.name}_provenance.json").read_text())["train_seconds"]
+        metrics, seconds = train_stage(run_av_sft, run_cfg, paths, out, "train_seconds")
         av = load_av(out)  # fp32 inference: the loss difference is the training's
         heldout_loss = av.completion_loss(vectors, texts)
         release_memory()
@@ -309,16 +315,7 @@ def bench_ar_sft(cfg: NLAConfig, size: PrecisionSize, paths: dict[str, Path], ro
 
     def fit(run_cfg: NLAConfig, name: str) -> tuple[float, dict]:
         out = root / f"ar_{name}"
-        metrics = run_ar_sft(
-            run_cfg,
-            paths["act"],
-            paths["split"],
-            paths["labels"],
-            out,
-            work_dir=root / "work" / out.name,
-            provenance_path=root / f"{out.name}_provenance.json",
-        )
-        seconds = json.loads((root / f"{out.name}_provenance.json").read_text())["ar_sft_seconds"]
+        metrics, seconds = train_stage(run_ar_sft, run_cfg, paths, out, "ar_sft_seconds")
         ar = load_ar(out)
         fve = fve_nrm(ar.reconstruct(texts, cfg.evaluate.batch_size), targets, ar.mean_unit)  # outside autocast: fp32
         loss_last = float(pd.read_csv(root / f"{out.name}_loss.csv").loss.iloc[-1])

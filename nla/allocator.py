@@ -12,7 +12,6 @@ stage process reaches anyway.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
@@ -24,11 +23,8 @@ def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; False where that does not apply."""
     if os.environ.get(ENV_OFF) == "1" or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
         return False  # the user chose the allocator's settings
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        mallopt = ctypes.CDLL(name).mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: libc's, no library search at start-up
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))

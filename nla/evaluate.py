@@ -237,6 +237,7 @@ class _Set:
         self.targets = torch.from_numpy(vectors_of(rows))  # (n, d)
         self.deviation = (unit(self.targets) - mean_unit).pow(2).sum(-1)  # (n,)
         self.mse: dict[str, torch.Tensor] = {}  # series -> (n,) mse_nrm
+        self.gold_token = [named_token(e) for e in rows.explanation]  # the token each gold label ends on
         self.texts: dict[str, list[str]] = {}  # AV name -> explanations
         self.closed: dict[str, list[bool]] = {}  # AV name -> closed before the token cap
         self.tokens: dict[str, list[int]] = {}  # AV name -> generated tokens per row
@@ -245,8 +246,16 @@ class _Set:
     def score(self, name: str, pred: torch.Tensor, *, normalize: bool = True) -> None:
         self.mse[name] = mse_nrm(pred, self.targets, normalize_pred=normalize)
 
-    def fve(self, name: str) -> float:
-        return 1 - float(self.mse[name].mean()) / float(self.deviation.mean())
+    def fve(self, name: str, subset: torch.Tensor | None = None) -> float:
+        """FVE of a series over all rows, or over the `subset` (bool (n,)) against the whole set's denominator."""
+        mse = self.mse[name] if subset is None else self.mse[name][subset]
+        return 1 - float(mse.mean()) / float(self.deviation.mean())
+
+    def names_gold_token(self, name: str) -> torch.Tensor:
+        """(n,) bool: the AV `name`'s explanation ends on the token the gold label ends on."""
+        return torch.tensor(
+            [g is not None and g == named_token(t) for g, t in zip(self.gold_token, self.texts[name], strict=True)]
+        )
 
     def row_fve(self, name: str, i: int) -> float:
         return 1 - float(self.mse[name][i]) / float(self.deviation.mean())
@@ -396,11 +405,7 @@ def _metrics(sets: dict[str, _Set], cfg: NLAConfig) -> tuple[dict[str, float], d
         for name, texts in data.texts.items():
             stats, top_texts[f"{name}{suffix}"] = collapse_stats(texts, contexts)
             metrics |= {f"{key}_{name}{suffix}": value for key, value in stats.items()}
-            gold = [named_token(e) for e in rows.explanation]
-            named = [named_token(t) for t in texts]
-            metrics[f"token_match_{name}{suffix}"] = float(
-                np.mean([g is not None and g == n for g, n in zip(gold, named, strict=True)])
-            )
+            metrics[f"token_match_{name}{suffix}"] = float(data.names_gold_token(name).float().mean())
             metrics |= length_stats(data.tokens[name], f"expl_{name}{suffix}", data.closed[name])
     return metrics, top_texts
 
@@ -428,19 +433,23 @@ def token_breakdown(data: _Set) -> list[tuple[str, float, int, float, float]]:
     """Per AV: (name, share of rows naming the gold final token, those rows' count, their round-trip FVE and
     their final-token-only FVE). Where the round trip loses to the final-token line: on the rows it names
     the token, or on the rows it misses."""
-    gold = [named_token(e) for e in data.rows.explanation]
-    denominator = float(data.deviation.mean())
     out = []
-    for name, texts in data.texts.items():
+    for name in data.texts:
         if name == "untrained":  # free prose: it names no final token
             continue
-        series = f"roundtrip_{name}"
-        right = torch.tensor([g is not None and g == named_token(t) for g, t in zip(gold, texts, strict=True)])
-        for subset, label in ((right, "named"), (~right, "missed")):
+        named = data.names_gold_token(name)
+        for subset, label in ((named, "named"), (~named, "missed")):
             if subset.any():
-                fve = 1 - float(data.mse[series][subset].mean()) / denominator
-                control = 1 - float(data.mse["final_only"][subset].mean()) / denominator
-                out.append((f"{name}, token {label}", float(subset.float().mean()), int(subset.sum()), fve, control))
+                share, n = float(subset.float().mean()), int(subset.sum())
+                out.append(
+                    (
+                        f"{name}, token {label}",
+                        share,
+                        n,
+                        data.fve(f"roundtrip_{name}", subset),
+                        data.fve("final_only", subset),
+                    )
+                )
     return out
 
 
