@@ -24,7 +24,9 @@ documents (`_lo`, `_hi`). Series:
 Collapse diagnostics per AV and set: the share of distinct explanations, the share of the
 explanations' content words that occur in the context, and the share of the most frequent
 explanation (its text goes to the report), and `token_match`: the share of rows whose explanation names the
-gold label's final token. All figures go to one flat metrics JSON; the
+gold label's final token. Per feature (`feature<i>_distinct`, `feature<i>_recall`): line i of the
+explanation against line i of the gold label, so a collapsed topic line shows even when the whole
+explanations differ (`feature_stats`). All figures go to one flat metrics JSON; the
 report (`samples_path`) shows them as tables, then samples.
 """
 
@@ -72,6 +74,8 @@ HEADLINE = {
     "fve_sft": "fve_roundtrip_sft",
 }
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]+")
+_LINE_WORD = re.compile(r"\w[\w'-]*")  # words, numbers and tokens such as "2000" or "u.s"
+_SENTENCE_BREAK = re.compile(r"(?<=\.)\s+(?=[A-Z])")  # between features an AV wrote on one line
 _FINAL_TOKEN = re.compile(r'Final token:? ("(?:[^"\\]|\\.)*")')  # the token named by the final feature, quoted
 # Words of the label format itself, not of what it describes.
 FORMAT_WORDS = frozenset(
@@ -227,6 +231,42 @@ def collapse_stats(texts: list[str], contexts: list[str]) -> tuple[dict[str, flo
         found += sum(w in seen for w in words)
     stats = {"distinct": len(counts) / len(texts), "in_context": found / max(total, 1), "top_share": top_n / len(texts)}
     return stats, top
+
+
+def features_of(text: str) -> list[str]:
+    """An explanation's features: its lines, or, when written on one line, its sentences."""
+    parts = text.split(FEATURE_SEP) if FEATURE_SEP in text.strip() else _SENTENCE_BREAK.split(text)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _line_words(line: str) -> set[str]:
+    return {w for w in _LINE_WORD.findall(line.lower()) if w not in FORMAT_WORDS}
+
+
+def feature_stats(texts: list[str], golds: list[str]) -> dict[str, float]:
+    """Per feature of the label (`feature<i>_`, 1-based; the last one is the final token's): the share of
+    distinct lines the AV wrote there, and `recall`, the mean share of the gold line's words that the AV's
+    line holds. Lines pair up by position, the last with the last (the label contract puts the final
+    token there), so a wrong topic line and a right final-token line tell apart."""
+    n = Counter(len(features_of(g)) for g in golds).most_common(1)[0][0]
+    lines: list[list[str]] = [[] for _ in range(n)]
+    recall: list[list[float]] = [[] for _ in range(n)]
+    for text, gold in zip(texts, golds, strict=True):
+        mine, theirs = features_of(text), features_of(gold)
+        if len(theirs) != n:
+            continue
+        for i in range(n):
+            j = len(mine) - 1 if i == n - 1 else i  # the final-token feature pairs with the AV's last line
+            line = mine[j] if 0 <= j < len(mine) and (i == n - 1 or j < len(mine) - 1) else ""
+            lines[i].append(line)
+            if gold_words := _line_words(theirs[i]):
+                recall[i].append(len(gold_words & _line_words(line)) / len(gold_words))
+    stats = {}
+    for i in range(n):
+        if lines[i]:
+            stats[f"feature{i + 1}_distinct"] = len(set(lines[i])) / len(lines[i])
+            stats[f"feature{i + 1}_recall"] = float(np.mean(recall[i])) if recall[i] else 0.0
+    return stats
 
 
 class _Set:
@@ -402,9 +442,11 @@ def _metrics(sets: dict[str, _Set], cfg: NLAConfig) -> tuple[dict[str, float], d
             if name.startswith(("ar_gold", "roundtrip")):
                 metrics[f"cos_{name}{suffix}"] = float((1 - mse / 2).mean())  # mse_nrm = 2(1 - cos)
         contexts = [context_of(p, cfg.label.context_tokens) for p in rows.prefix]
+        gold = rows.explanation.tolist()
         for name, texts in data.texts.items():
             stats, top_texts[f"{name}{suffix}"] = collapse_stats(texts, contexts)
             metrics |= {f"{key}_{name}{suffix}": value for key, value in stats.items()}
+            metrics |= {f"{key}_{name}{suffix}": v for key, v in feature_stats(texts, gold).items()}
             metrics[f"token_match_{name}{suffix}"] = float(data.names_gold_token(name).float().mean())
             metrics |= length_stats(data.tokens[name], f"expl_{name}{suffix}", data.closed[name])
     return metrics, top_texts
@@ -519,6 +561,26 @@ def _write_report(
                 f"| {name} | {SETS[suffix]} | {metrics[f'distinct_{key}']:.2f} | {metrics[f'in_context_{key}']:.2f} "
                 f"| {metrics[f'top_share_{key}']:.2f} | {top} |"
             )
+    lines += [
+        "",
+        "## Per feature: what each line of the explanation gets right",
+        "",
+        "Line i of the AV's explanation against line i of the gold label (the last against the last: the final",
+        "token's). distinct: the share of distinct lines; recall: the mean share of the gold line's words in it.",
+        "",
+    ]
+    n_features = max(int(k[len("feature") :].split("_")[0]) for k in metrics if k.startswith("feature"))
+    columns = [f"feature {i} distinct / recall" for i in range(1, n_features + 1)]
+    lines += ["| AV | set | " + " | ".join(columns) + " |", "|---|---|" + "---|" * n_features]
+    for suffix, data in sets.items():
+        for name in data.texts:
+            cells = [
+                f"{metrics[f'feature{i}_distinct_{name}{suffix}']:.2f} / {metrics[f'feature{i}_recall_{name}{suffix}']:.2f}"
+                if f"feature{i}_distinct_{name}{suffix}" in metrics
+                else "–"
+                for i in range(1, n_features + 1)
+            ]
+            lines.append(f"| {name} | {SETS[suffix]} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Round trip against the final-token line, by whether the AV names the final token",

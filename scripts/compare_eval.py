@@ -24,6 +24,7 @@ SERIES = (
     "const",
 )
 DIAGNOSTICS = ("distinct", "in_context", "top_share", "token_match")
+FEATURES = ("feature1", "feature2", "feature3")  # per label line: `<feature>_distinct`, `<feature>_recall`
 
 
 def cell(metrics: dict, key: str) -> str:
@@ -52,6 +53,12 @@ def main() -> None:
             for diag in DIAGNOSTICS:
                 key = f"{diag}_{av}{suffix}"
                 print(f"| {diag} ({av}) | " + " | ".join(f"{m[key]:.2f}" if key in m else "–" for m in runs) + " |")
+            for feature in FEATURES:
+                for stat in ("distinct", "recall"):
+                    key = f"{feature}_{stat}_{av}{suffix}"
+                    if any(key in m for m in runs):
+                        cells = " | ".join(f"{m[key]:.2f}" if key in m else "–" for m in runs)
+                        print(f"| {feature} {stat} ({av}) | {cells} |")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,8 @@ def test_evaluate_writes_every_metric_plot_and_sample(embedded_run, tmp_path):
         "fve_roundtrip_rl_lo",
         "fve_roundtrip_rl_hi",
         "distinct_sft",
+        "feature1_distinct_sft",
+        "feature1_recall_rl",
         "in_context_sft",
         "top_share_rl",
         "expl_sft_tokens_mean",
@@ -240,6 +242,28 @@ def test_bootstrap_interval_resamples_documents():
     _, lo_docs, hi_docs = bootstrap_fve(per_doc, dev, np.repeat(np.arange(10), 4))
     _, lo_rows, hi_rows = bootstrap_fve(per_doc, dev, np.arange(40))
     assert hi_docs - lo_docs > 1.5 * (hi_rows - lo_rows)
+
+
+def test_feature_stats_pair_lines_last_with_last_and_catch_a_collapsed_topic():
+    from nla.evaluate import feature_stats, features_of
+
+    gold = [
+        'Topic: cats, milk.\nBefore: "the cat drank".\nFinal token "milk"; next likely: "and", ".".',
+        'Topic: rain, roads.\nBefore: "the roads were".\nFinal token "wet"; next likely: "and", "after".',
+    ]
+    # One line per feature or all on one line read alike; the topic line is the same on both rows.
+    av = [
+        'Topic: country, people. Before: "the cat drank". Final token "milk"; next likely: "and", "and".',
+        'Topic: country, people.\nFinal token "wet"; next likely: "after".',
+    ]
+    assert features_of(av[0])[1] == 'Before: "the cat drank".'
+    stats = feature_stats(av, gold)
+    assert stats["feature1_distinct"] == 0.5 and stats["feature1_recall"] == 0.0
+    # The second AV text has no middle line: it scores nothing there, and its last line still pairs
+    # with the gold's final-token line.
+    assert stats["feature2_recall"] == pytest.approx((1.0 + 0.0) / 2)
+    assert stats["feature3_recall"] == pytest.approx((3 / 3 + 2 / 3) / 2)
+    assert stats["feature3_distinct"] == 1.0
 
 
 def test_collapse_stats_count_distinct_texts_and_context_words():
