@@ -1,6 +1,7 @@
 """Side-by-side table of evaluate runs (their eval_details.json): every FVE with its 95% CI, both sets.
 
 python scripts/compare_eval.py reports/old_default_eval_details.json reports/eval_details.json --names "old default" "new default"
+python scripts/compare_eval.py --summary reports/gpu/sweeps/av_budget/*.json   # one row per run (a sweep's variants)
 """
 
 from __future__ import annotations
@@ -34,13 +35,45 @@ def cell(metrics: dict, key: str) -> str:
     return f"{metrics[key]:+.3f}" + (f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None else "")
 
 
+SUMMARY = (  # (column, key): the foreign set's headline, the held-out split's, and what the AV gets right
+    ("AR on gold", "fve_ar_gold_foreign"),
+    ("round trip SFT", "fve_roundtrip_sft_foreign"),
+    ("round trip RL", "fve_roundtrip_rl_foreign"),
+    ("final_only", "fve_final_only_foreign"),
+    ("RL held-out", "fve_roundtrip_rl"),
+    ("final_only held-out", "fve_final_only"),
+)
+SUMMARY_SHARES = (
+    ("token named", "token_match_rl_foreign"),
+    ("topic recall", "feature1_recall_rl_foreign"),
+    ("before recall", "feature2_recall_rl_foreign"),
+    ("final line recall", "feature3_recall_rl_foreign"),
+)
+
+
+def summary(runs: list[dict], names: list[str]) -> None:
+    """One row per run: the foreign FVEs with CIs (the RL pair's unless noted), held-out FVEs, and the RL AV's
+    token match and per-line recall on the foreign set."""
+    columns = [c for c, _ in SUMMARY] + [c for c, _ in SUMMARY_SHARES]
+    print("| run | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for name, m in zip(names, runs, strict=True):
+        fves = [cell(m, key) if key.endswith("_foreign") else cell(m, key).split(" [")[0] for _, key in SUMMARY]
+        shares = [f"{m[key]:.2f}" if key in m else "–" for _, key in SUMMARY_SHARES]
+        print(f"| {name} | " + " | ".join(fves + shares) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="eval_details.json files")
-    ap.add_argument("--names", nargs="+", help="one column name per file")
+    ap.add_argument("--names", nargs="+", help="one column name per file (default: the file names)")
+    ap.add_argument("--summary", action="store_true", help="one row per run instead of one column")
     args = ap.parse_args()
     runs = [json.loads(Path(path).read_text(encoding="utf-8")) for path in args.runs]
-    names = args.names or args.runs
+    names = args.names or [Path(path).stem for path in args.runs]
+    if args.summary:
+        summary(runs, names)
+        return
     for suffix, title in (("", "held-out split (eval)"), ("_foreign", "foreign corpus (no stage trained on it)")):
         print(f"\n### FVE on the {title}, 95% CI over documents\n")
         print("| series | " + " | ".join(names) + " |")
