@@ -22,7 +22,9 @@ def main() -> None:
     ap.add_argument("--data", default="data", help="folder with activations/, split/, labels/")
     for name in ("av-sft", "ar-sft", "av-rl", "ar-rl"):
         ap.add_argument(f"--{name}", required=name.endswith("sft"))
-    ap.add_argument("--out", required=True, help="folder for eval.json, eval_details.json, plots/, samples.md")
+    ap.add_argument(
+        "--out", required=True, help="folder for eval.json, eval_details.json, eval_rows.jsonl, plots/, samples.md"
+    )
     args = ap.parse_args()
     data, out = Path(args.data), Path(args.out)
     checkpoints = {"av_sft": args.av_sft, "ar_sft": args.ar_sft, "av_rl": args.av_rl, "ar_rl": args.ar_rl}
@@ -36,6 +38,7 @@ def main() -> None:
         out / "plots",
         out / "samples.md",
         details_path=out / "eval_details.json",
+        rows_path=out / "eval_rows.jsonl",
         provenance_path=out / "provenance.json",
     )
 
