@@ -41,6 +41,7 @@ from nla.config import PATHS, NLAConfig
 from nla.data import labeled_rows, vectors_of
 from nla.errors import NLAError
 from nla.io import atomic_dir, atomic_path, write_json
+from nla.label.parse import FEATURE_SEP
 from nla.models import autocast, d_model, decoder_blocks, load_model, model_autocast, release_memory
 from nla.provenance import beside, write_provenance
 from nla.sidecar import read_sidecar, sidecar_path
@@ -61,6 +62,20 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def drop_lines(texts: list[str], share: float, seed: int) -> list[str]:
+    """`share` of the labels, drawn at random, each lose 1 to all of their lines before the last (the final
+    token's, which always stays): an AR that has read only whole labels misreads a partial one."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for text in texts:
+        *context, last = text.split(FEATURE_SEP)
+        if context and rng.random() < share:
+            keep = sorted(rng.choice(len(context), size=int(rng.integers(0, len(context))), replace=False))
+            text = FEATURE_SEP.join([*(context[i] for i in keep), last])
+        out.append(text)
+    return out
 
 
 def fit_ar(
@@ -266,7 +281,8 @@ def run_ar_sft(
         activations_dir, splits_dir, labels_dir, ["ar_sft"], d_model=d_model(model), layer=cfg.model.layer
     )
     labels_meta = read_sidecar(labels_dir) if sidecar_path(labels_dir).is_file() else {}
-    texts, targets, row_ids = rows.explanation.tolist(), torch.from_numpy(vectors_of(rows)), rows.row_id.tolist()
+    texts = drop_lines(rows.explanation.tolist(), cfg.ar_sft.line_dropout, cfg.ar_sft.seed)
+    targets, row_ids = torch.from_numpy(vectors_of(rows)), rows.row_id.tolist()
     n_av = 0
     if cfg.ar_sft.av_explanations > 0:
         if av_dir is None:

@@ -123,6 +123,12 @@ class LabelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # local backend; "auto": as model.dtype
     splits: list[str] = Field(default_factory=lambda: ["av_sft", "ar_sft", "eval", "foreign"])
     context_tokens: int = Field(48, ge=1)  # how much of the prefix the labeler sees
+    # The context lines of the grounded and baseline labels: the Topic line's content words and the Before
+    # line's words before the final one (0 drops the line).
+    # (measured on the GPU sweep label_lines: AVs read almost none of a topic line, and the AR's round trip is
+    # highest when the label holds the one word before the final token; reports/explanations.md).
+    topic_words: int = Field(0, ge=0)
+    before_words: int = Field(1, ge=0)
     max_new_tokens: int = Field(48, ge=8)
     temperature: float = Field(0.0, ge=0)
     batch_size: int = Field(64, ge=1)  # wide batches amortise each decoding step's weight reads
@@ -228,6 +234,9 @@ class ARSFTConfig(Section):
     # vector ("mix"): an AR that has only seen gold labels trusts the AV's wrong lines. 0: gold labels only.
     av_explanations: int = Field(512, ge=0)
     av_max_new_tokens: int = Field(48, ge=4)  # as evaluate.max_new_tokens: the AR sees what it will be scored on
+    # This share of the gold labels loses some of its lines before the last (`drop_lines`), so the AR also
+    # reads partial explanations: the AV's, and evaluate's final_only and no_context controls.
+    line_dropout: float = Field(0.3, ge=0, le=1)
     seed: int = 0
 
 

@@ -12,13 +12,14 @@ documents (`_lo`, `_hi`). Series:
 
     ar_gold        the AR reading the gold (warm-start) label
     roundtrip_sft  AR_sft(AV_sft(v));  roundtrip_rl: AR_rl(AV_rl(v)), ar_gold_rl: AR_rl on gold
-    controls, all read by AR_sft, all of which a useful NLA must beat:
+    controls, all read by AR_sft; a useful NLA must beat all but no_context, an upper reference:
       shuffled     another row's gold label          empty       the empty explanation
       mean         predict ū (FVE 0 by construction) const       the best constant direction ū/‖ū‖
-      copy         the label format filled from the context alone (no AV, no model)
-      final_only   only the last line of the gold label (the final-token feature, with what the
-                   grounded labeler adds there: the subject model's top next tokens)
-      token_only   that line cut to the token itself ('Final token "X".')
+      copy         the label's lines read off the text (context lines, final token): no AV, no model
+      final_only   only the last line of the gold label: the final-token feature, which names the
+                   token alone (what knowing the token gives)
+      no_context   the gold label without its context lines (Topic, Before): the final token and
+                   the subject model's own next-token predictions, exactly
       untrained    the base model with injection and no fine-tuning, as the AV
 
 Collapse diagnostics per AV and set: the share of distinct explanations, the share of the
@@ -47,12 +48,13 @@ import torch
 import nla.distributed as distributed
 from nla.ar import AR, MEAN_UNIT_FILE, load_ar
 from nla.av import base_av, load_av
-from nla.config import NLAConfig
+from nla.config import LabelConfig, NLAConfig
 from nla.data import FOREIGN, labeled_rows, vectors_of
 from nla.errors import NLAError
 from nla.io import atomic_path, atomic_write_text, check_weight_files, write_json
-from nla.label.backends.baseline import STOPWORDS, baseline_response
-from nla.label.parse import FEATURE_SEP, parse_response
+from nla.label.backends.baseline import BEFORE, STOPWORDS, TOPIC, context_features
+from nla.label.backends.grounded import final_feature
+from nla.label.parse import FEATURE_SEP
 from nla.label.prompt import context_of
 from nla.metrics import bootstrap_fve, derangement, mse_nrm, unit
 from nla.models import autocast, release_memory, resolve_autocast, resolve_device, resolve_dtype
@@ -61,7 +63,7 @@ from nla.sidecar import read_sidecar, require
 
 REQUIRED_CHECKPOINTS = ("av_sft", "ar_sft")
 SETS = {"": "eval", "_foreign": FOREIGN}  # metric-key suffix -> split
-CONTROLS = ("shuffled", "empty", "mean", "const", "copy", "final_only", "token_only", "untrained")
+CONTROLS = ("shuffled", "empty", "mean", "const", "copy", "final_only", "no_context", "untrained")
 # What `dvc metrics show` lists for evaluate (short name -> key of the full metrics): the round trips and
 # the two strongest controls, few enough that the whole table fits 160 columns. Every number, these
 # included, goes to the details file under its full name.
@@ -187,15 +189,18 @@ def _foreign_rows(activations_dir, splits_dir, labels_dir, max_rows: int) -> pd.
         return None
 
 
-def copy_of_context(rows: pd.DataFrame, context_tokens: int, marker_ranges, marker_char) -> list[str]:
-    """The label format filled from the context alone (the `baseline` labeler): what reading the input gives."""
-    out = []
-    for prefix, token in zip(rows.prefix, rows.token, strict=True):
-        parsed = parse_response(
-            baseline_response(context_of(prefix, context_tokens), token), 1, marker_ranges, marker_char
+def copy_of_context(rows: pd.DataFrame, label: LabelConfig) -> list[str]:
+    """The label format filled from the context alone: the grounded label's context lines and final token,
+    with no AV and no model (its lines read off the text, in the wording the AR was trained on)."""
+    return [
+        FEATURE_SEP.join(
+            [
+                *context_features(context_of(prefix, label.context_tokens), label.topic_words, label.before_words),
+                final_feature(token),
+            ]
         )
-        out.append(parsed.explanation or "")
-    return out
+        for prefix, token in zip(rows.prefix, rows.token, strict=True)
+    ]
 
 
 def final_line(explanations: list[str]) -> list[str]:
@@ -213,9 +218,12 @@ def named_token(explanation: str) -> str | None:
     return found.group(1) if found else None
 
 
-def token_only(explanations: list[str]) -> list[str]:
-    """The final feature cut to the token it names ('Final token "X".'): what knowing the token alone gives."""
-    return [f"{found.group(0)}." if (found := _final_token(e)) else e.split(FEATURE_SEP)[-1] for e in explanations]
+def no_context(explanations: list[str]) -> list[str]:
+    """Each label without its context lines (read off the text): what the subject model's own lines give."""
+    return [
+        FEATURE_SEP.join(line for line in e.split(FEATURE_SEP) if not line.startswith((TOPIC, BEFORE)))
+        for e in explanations
+    ]
 
 
 def collapse_stats(texts: list[str], contexts: list[str]) -> tuple[dict[str, float], str]:
@@ -243,12 +251,25 @@ def _line_words(line: str) -> set[str]:
     return {w for w in _LINE_WORD.findall(line.lower()) if w not in FORMAT_WORDS}
 
 
+def label_lines(golds: list[str]) -> int:
+    """The number of features the gold labels hold (the most common count)."""
+    return Counter(len(features_of(g)) for g in golds).most_common(1)[0][0]
+
+
+def _paired_line(mine: list[str], i: int, n: int) -> str:
+    """The AV's line that pairs with gold line i of n: the last with the last (the final token's), the
+    others by position, never reaching the AV's last line; "" where the AV wrote too few."""
+    if i == n - 1:
+        return mine[-1] if mine else ""
+    return mine[i] if i < len(mine) - 1 else ""
+
+
 def feature_stats(texts: list[str], golds: list[str]) -> dict[str, float]:
     """Per feature of the label (`feature<i>_`, 1-based; the last one is the final token's): the share of
     distinct lines the AV wrote there, and `recall`, the mean share of the gold line's words that the AV's
     line holds. Lines pair up by position, the last with the last (the label contract puts the final
     token there), so a wrong topic line and a right final-token line tell apart."""
-    n = Counter(len(features_of(g)) for g in golds).most_common(1)[0][0]
+    n = label_lines(golds)
     lines: list[list[str]] = [[] for _ in range(n)]
     recall: list[list[float]] = [[] for _ in range(n)]
     for text, gold in zip(texts, golds, strict=True):
@@ -256,8 +277,7 @@ def feature_stats(texts: list[str], golds: list[str]) -> dict[str, float]:
         if len(theirs) != n:
             continue
         for i in range(n):
-            j = len(mine) - 1 if i == n - 1 else i  # the final-token feature pairs with the AV's last line
-            line = mine[j] if 0 <= j < len(mine) and (i == n - 1 or j < len(mine) - 1) else ""
+            line = _paired_line(mine, i, n)
             lines[i].append(line)
             if gold_words := _line_words(theirs[i]):
                 recall[i].append(len(gold_words & _line_words(line)) / len(gold_words))
@@ -312,11 +332,9 @@ def _ar_controls(data: _Set, ar: AR, mean_unit: torch.Tensor, cfg: NLAConfig) ->
     data.score("empty", ar.reconstruct([""]).expand(n, -1))
     data.score("mean", mean_unit.expand(n, -1), normalize=False)
     data.score("const", mean_unit.expand(n, -1))
-    inj = cfg.injection
-    copies = copy_of_context(data.rows, cfg.label.context_tokens, inj.marker_ranges, inj.marker_char)
-    data.score("copy", reconstruct(ar, copies, bs))
+    data.score("copy", reconstruct(ar, copy_of_context(data.rows, cfg.label), bs))
     data.score("final_only", reconstruct(ar, final_line(gold), bs))
-    data.score("token_only", reconstruct(ar, token_only(gold), bs))
+    data.score("no_context", reconstruct(ar, no_context(gold), bs))
 
 
 def run_evaluate(
@@ -569,7 +587,7 @@ def _write_report(
         "token's). distinct: the share of distinct lines; recall: the mean share of the gold line's words in it.",
         "",
     ]
-    n_features = max(int(k[len("feature") :].split("_")[0]) for k in metrics if k.startswith("feature"))
+    n_features = max(label_lines(list(data.rows.explanation)) for data in sets.values())
     columns = [f"feature {i} distinct / recall" for i in range(1, n_features + 1)]
     lines += ["| AV | set | " + " | ".join(columns) + " |", "|---|---|" + "---|" * n_features]
     for suffix, data in sets.items():

@@ -43,24 +43,34 @@ SUMMARY = (  # (column, key): the foreign set's headline, the held-out split's, 
     ("RL held-out", "fve_roundtrip_rl"),
     ("final_only held-out", "fve_final_only"),
 )
-SUMMARY_SHARES = (
-    ("token named", "token_match_rl_foreign"),
-    ("topic recall", "feature1_recall_rl_foreign"),
-    ("before recall", "feature2_recall_rl_foreign"),
-    ("final line recall", "feature3_recall_rl_foreign"),
-)
+CONTEXT_LINES = 2  # summary columns for the label lines before the final token's
+
+
+def line_recalls(m: dict) -> list[str]:
+    """The RL AV's foreign recall per label line: the context lines by position, then the final token's."""
+    n = max((i for i in range(1, 10) if f"feature{i}_recall_rl_foreign" in m), default=0)
+    cells = [f"{m[f'feature{i}_recall_rl_foreign']:.2f}" for i in range(1, n + 1)]
+    context = (cells[:-1] + ["–"] * CONTEXT_LINES)[:CONTEXT_LINES]
+    return [*context, cells[-1] if cells else "–"]
 
 
 def summary(runs: list[dict], names: list[str]) -> None:
     """One row per run: the foreign FVEs with CIs (the RL pair's unless noted), held-out FVEs, and the RL AV's
     token match and per-line recall on the foreign set."""
-    columns = [c for c, _ in SUMMARY] + [c for c, _ in SUMMARY_SHARES]
+    recall_columns = [f"line {i} recall" for i in range(1, CONTEXT_LINES + 1)] + ["final line recall"]
+    columns = [c for c, _ in SUMMARY] + ["token named", *recall_columns]
     print("| run | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))
     for name, m in zip(names, runs, strict=True):
         fves = [cell(m, key) if key.endswith("_foreign") else cell(m, key).split(" [")[0] for _, key in SUMMARY]
-        shares = [f"{m[key]:.2f}" if key in m else "–" for _, key in SUMMARY_SHARES]
-        print(f"| {name} | " + " | ".join(fves + shares) + " |")
+        named = f"{m['token_match_rl_foreign']:.2f}" if "token_match_rl_foreign" in m else "–"
+        print(f"| {name} | " + " | ".join([*fves, named, *line_recalls(m)]) + " |")
+
+
+def run_name(path: str) -> str:
+    """A file's stem, or for a run's reports/eval_details.json the run folder's name (a sweep's variant)."""
+    file = Path(path).resolve()
+    return file.parent.parent.name if file.parent.name == "reports" else file.stem
 
 
 def main() -> None:
@@ -70,7 +80,7 @@ def main() -> None:
     ap.add_argument("--summary", action="store_true", help="one row per run instead of one column")
     args = ap.parse_args()
     runs = [json.loads(Path(path).read_text(encoding="utf-8")) for path in args.runs]
-    names = args.names or [Path(path).stem for path in args.runs]
+    names = args.names or [run_name(path) for path in args.runs]
     if args.summary:
         summary(runs, names)
         return

@@ -5,7 +5,8 @@
 # QUEUE: one variant per line, `name|from|stages|key=value ...`, e.g.
 #   base|-|av-sft ar-sft rl evaluate|
 #   ar600|base|ar-sft rl evaluate|ar_sft.max_steps=600
-# `from` names an earlier variant whose checkpoints the stages not listed reuse (`-`: none).
+# `from` names an earlier variant whose checkpoints the stages not listed reuse (`-`: none). A variant
+# that lists `label` writes its own labels, and the variants `from` it read them.
 # OVERRIDES (space-separated key=value) apply to every variant, e.g. "model.device=cuda model.autocast=bfloat16".
 # A variant that finished is skipped on a rerun; none starts after DEADLINE_S seconds. Each variant's
 # params, metrics, reports/eval_details.json, reports/eval_rows.jsonl and reports/samples.md stay in
@@ -23,7 +24,10 @@ while IFS='|' read -r name from stages overrides; do
   dir=$RUN_ROOT/$name
   mkdir -p "$dir/data/checkpoints"
   cp "$repo/params.yaml" "$dir/params.yaml"
-  for part in activations split labels; do ln -sfn "$(realpath "$DATA/$part")" "$dir/data/$part"; done
+  for part in activations split; do ln -sfn "$(realpath "$DATA/$part")" "$dir/data/$part"; done
+  labels=$DATA/labels  # a variant that relabels writes its own; one whose `from` relabeled reads that one's
+  [ "$from" != - ] && [ -d "$RUN_ROOT/$from/data/labels" ] && labels=$RUN_ROOT/$from/data/labels
+  case " $stages " in *" label "*) ;; *) ln -sfn "$(realpath "$labels")" "$dir/data/labels" ;; esac
   for checkpoint in av_sft ar_sft rl; do  # the stages this variant does not rerun start from `from`'s outputs
     case " $stages " in *" ${checkpoint/_/-} "*) continue ;; esac
     source=$RUN_ROOT/$from/data/checkpoints/$checkpoint

@@ -258,3 +258,19 @@ def test_ar_sft_without_the_av_says_how_to_fix_it(embedded_run, tmp_path):
     cfg = NLAConfig.model_validate({"ar_sft": {"max_steps": 1, "av_explanations": 2}})
     with pytest.raises(NLAError, match="needs the SFT AV.*set it to 0"):
         run_ar_sft(cfg, embedded_run["act"], embedded_run["split"], embedded_run["labels"], tmp_path / "ar")
+
+
+def test_drop_lines_keeps_the_final_line_and_drops_only_from_the_share_drawn():
+    """About `share` of the labels lose 1 to all lines before the last; the last always stays; same seed, same texts."""
+    from nla.ar_sft import drop_lines
+
+    label = 'Before: "the".\nNext likely: "war", "army".\nFinal token "big".'
+    texts = [label] * 400 + ["one line only"]
+    dropped = drop_lines(texts, 0.3, seed=0)
+    assert dropped == drop_lines(texts, 0.3, seed=0)
+    assert dropped[-1] == "one line only"
+    changed = [t for t in dropped[:-1] if t != label]
+    assert 0.22 < len(changed) / 400 < 0.38
+    assert all(t.endswith('Final token "big".') for t in dropped[:-1])
+    assert {t.count("\n") for t in changed} == {0, 1}  # final line alone, or one context line kept
+    assert drop_lines(texts, 0.0, seed=0) == texts

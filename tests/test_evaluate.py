@@ -112,7 +112,7 @@ def test_evaluate_writes_every_metric_plot_and_sample(embedded_run, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert len(rows) == metrics["n_rows"] and {r["set"] for r in rows} == {"eval"}
     deviation = np.mean([r["deviation"] for r in rows])
-    for series in ("ar_gold", "roundtrip_sft", "final_only", "token_only"):  # the rows give back every mean
+    for series in ("ar_gold", "roundtrip_sft", "final_only", "no_context"):  # the rows give back every mean
         fve = 1 - np.mean([r["mse_nrm"][series] for r in rows]) / deviation
         assert fve == pytest.approx(metrics[f"fve_{series}"], abs=1e-4), series
     assert set(rows[0]["explanations"]) == {"sft", "untrained", "rl"}
@@ -136,7 +136,7 @@ def test_evaluate_writes_every_metric_plot_and_sample(embedded_run, tmp_path):
         "fve_const",
         "fve_copy",
         "fve_final_only",
-        "fve_token_only",
+        "fve_no_context",
         "token_match_sft",
         "fve_untrained",
         "fve_roundtrip_rl_lo",
@@ -213,17 +213,21 @@ def test_evaluate_scores_the_foreign_set_with_the_same_controls(embedded_run, tm
     assert "foreign FVE" in (tmp_path / "samples.md").read_text()
 
 
-def test_token_only_keeps_the_named_token_and_token_match_compares_it():
-    """The token-only control is the final feature cut to its token, in the label's own wording."""
-    from nla.evaluate import named_token, token_only
+def test_no_context_keeps_the_models_lines_and_token_match_compares_the_final_one():
+    """The no_context control drops exactly the lines read off the text; the final feature names the token."""
+    from nla.evaluate import final_line, named_token, no_context
 
-    grounded = 'Topic: war, army.\nBefore: "the army".\nFinal token "fired"; next likely: "on", "at", ".".'
+    grounded = 'Before: "the army".\nNext likely: "on", "at", ".".\nFinal token "fired".'
     baseline = 'Topic: war.\nFinal token: "fired" (word).'
-    assert token_only([grounded, baseline]) == ['Final token "fired".', 'Final token: "fired".']
+    assert no_context([grounded, baseline]) == [
+        'Next likely: "on", "at", ".".\nFinal token "fired".',
+        'Final token: "fired" (word).',
+    ]
+    assert final_line([grounded]) == ['Final token "fired".']
     assert named_token(grounded) == named_token(baseline) == '"fired"'
-    assert named_token('Final token "say \\"hi\\""; next likely: ".".') == '"say \\"hi\\""'  # escaped quotes
+    assert named_token('Final token "say \\"hi\\"".') == '"say \\"hi\\""'  # escaped quotes
     assert named_token('Topic: war.\nBefore: "the".') is None  # no final-token feature: nothing named
-    assert token_only(["free prose"]) == ["free prose"]
+    assert no_context(["free prose"]) == ["free prose"]
 
 
 def test_bootstrap_interval_resamples_documents():

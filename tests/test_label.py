@@ -239,6 +239,7 @@ def test_baseline_stage_is_deterministic_and_complete(dataset, tmp_path):
     act, spl = dataset
     cfg = NLAConfig()
     cfg.label.backend = "baseline"
+    cfg.label.topic_words, cfg.label.before_words = 3, 4  # a context long enough to hold the leaked marker
     cfg.label.cache_dir = str(tmp_path / "cache")
     first = run_label(cfg, act, spl, tmp_path / "a")
     second = run_label(cfg, act, spl, tmp_path / "b")
@@ -257,7 +258,7 @@ def test_baseline_stage_is_deterministic_and_complete(dataset, tmp_path):
     assert meta["stage"] == "label" and meta["d_model"] == 8 and meta["base_model"] == "test-model"
     assert meta["labeler"]["backend"] == "baseline" and meta["rows"] == len(good)
     assert meta["labeler"]["user_template"] == cfg.label.user_template
-    assert "(punctuation)" in baseline_response("Rates rose.", ".")
+    assert "(punctuation)" in baseline_response("Rates rose.", ".", 3, 4)
 
 
 def test_bad_label_splits_are_refused(dataset, tmp_path):
@@ -535,16 +536,25 @@ def test_local_backend_labels_and_resumes_from_its_cache(dataset, tmp_path):
 
 
 def test_grounded_labels_name_the_subject_models_own_predictions(tmp_path):
-    """The grounded labeler writes the paper's format; its last feature names the model's next tokens,
-    which a copy of the context cannot contain, and the stage refuses to run without them."""
+    """The grounded labeler writes the paper's format: the context lines asked for, a line of the model's
+    next tokens (which a copy of the context cannot contain), the final token last; the stage refuses to
+    run without the predictions."""
     from nla.label.backends import BACKENDS, BackendStats
     from nla.label.backends.grounded import grounded_response
 
-    raw = grounded_response("The central bank raised interest rates again", " again", [" in", " on", "in", " this"])
-    parsed = parse_response(raw, 2, RANGES)
-    assert parsed.reason is None and parsed.n_features == 3
-    assert parsed.explanation.splitlines()[-1] == 'Final token "again"; next likely: "in", "on", "this".'
-    assert parsed.explanation.splitlines()[0] == "Topic: central, bank, raised."
+    text, predicted = "The central bank raised interest rates again", [" in", " on", "in", " this"]
+    parsed = parse_response(grounded_response(text, " again", predicted, 0, 1), 2, RANGES)
+    assert parsed.reason is None
+    assert parsed.explanation.splitlines() == [
+        'Before: "rates".',
+        'Next likely: "in", "on", "this".',
+        'Final token "again".',
+    ]
+    lines = parse_response(grounded_response(text, " again", predicted, 3, 2), 2, RANGES).explanation.splitlines()
+    assert lines[:2] == ["Topic: central, bank, raised.", 'Before: "interest rates".']
+    assert (
+        len(parse_response(grounded_response(text, " again", predicted, 0, 0), 1, RANGES).explanation.splitlines()) == 2
+    )
     results = BACKENDS["grounded"](NLAConfig(), ["a b c"], [" c"], BackendStats(), [[" d", " e"]])
     assert '"d", "e"' in results[0].raw
     with pytest.raises(NLAError, match="extract.top_next"):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from embedded_pipeline import shared_run
@@ -68,3 +69,23 @@ def test_a_bad_override_stops_the_sweep(tmp_path):
     assert result.returncode != 0
     assert "no_such_key" in result.stderr
     assert not (tmp_path / "runs" / "bad" / "done").exists()
+
+
+def test_a_variant_that_relabels_writes_its_own_labels_and_its_children_read_them(run, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for part, key in (("activations", "act"), ("split", "split"), ("labels", "labels")):
+        (data / part).symlink_to(run[key])
+    shared = (run["labels"] / "explanations.parquet").read_bytes()
+    queue = tmp_path / "queue.txt"
+    relabel = "label.splits=[eval] label.topic_words=0 label.before_words=1"
+    queue.write_text(f"relabel|-|label|{relabel}\nchild|relabel||\n", encoding="utf-8")
+
+    result = _sweep(queue, data, tmp_path / "runs")
+    assert result.returncode == 0, result.stderr[-2000:]
+    labels = tmp_path / "runs" / "relabel" / "data" / "labels"
+    assert not labels.is_symlink()
+    explanations = pd.read_parquet(labels / "explanations.parquet").explanation
+    assert all(e.startswith("Before: ") and "Topic" not in e for e in explanations)
+    assert (run["labels"] / "explanations.parquet").read_bytes() == shared  # the shared labels untouched
+    assert (tmp_path / "runs" / "child" / "data" / "labels").resolve() == labels.resolve()  # `from`'s labels

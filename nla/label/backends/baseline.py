@@ -23,6 +23,7 @@ _STOPWORDS_TEXT = (
     "with would you your new one two three last first year years told mr mrs ms"
 )
 STOPWORDS = frozenset(_STOPWORDS_TEXT.split())
+TOPIC, BEFORE = "Topic:", "Before:"  # how the two context lines start: read off the text, not the model
 
 
 def token_kind(token: str) -> str:
@@ -38,13 +39,19 @@ def token_kind(token: str) -> str:
     return "the middle of a word"
 
 
-def context_features(context: str) -> list[str]:
-    """The two features read off the text: its topic words and its last few words (ties keep first-seen order)."""
-    words = re.findall(r"[A-Za-z][A-Za-z'-]+", context)
-    content = [w.lower() for w in words if len(w) > 2 and w.lower() not in STOPWORDS]
-    topics = [w for w, _ in Counter(content).most_common(3)]
-    recent = " ".join(context.split()[-5:-1]) or "(none)"
-    return [f"Topic: {', '.join(topics)}." if topics else "Topic: none yet.", f'Before: "{recent}".']
+def context_features(context: str, topic_words: int, before_words: int) -> list[str]:
+    """The features read off the text: its `topic_words` most common content words (ties keep first-seen
+    order) and the `before_words` words before the final one; a count of 0 drops that line."""
+    features = []
+    if topic_words:
+        words = re.findall(r"[A-Za-z][A-Za-z'-]+", context)
+        content = [w.lower() for w in words if len(w) > 2 and w.lower() not in STOPWORDS]
+        topics = [w for w, _ in Counter(content).most_common(topic_words)]
+        features.append(f"{TOPIC} {', '.join(topics)}." if topics else f"{TOPIC} none yet.")
+    if before_words:
+        recent = " ".join(context.split()[-1 - before_words : -1]) or "(none)"
+        features.append(f'{BEFORE} "{recent}".')
+    return features
 
 
 def analysis_block(features: list[str]) -> str:
@@ -52,12 +59,12 @@ def analysis_block(features: list[str]) -> str:
     return f"{ANALYSIS_OPEN}\n" + "\n".join(f"- {f}" for f in features) + f"\n{ANALYSIS_CLOSE}"
 
 
-def baseline_response(context: str, token: str) -> str:
+def baseline_response(context: str, token: str, topic_words: int, before_words: int) -> str:
     """A deterministic analysis from the text: topic words, the last few words, the final token."""
     # Compact on purpose: short labels are easier for the AR to read back (measured: the AR's FVE on
     # terse "Final token ... Context ..." labels was far higher than on sentence-style ones).
     final = f"Final token: {json.dumps(token.strip() or token, ensure_ascii=False)} ({token_kind(token)})."
-    return analysis_block([*context_features(context), final])
+    return analysis_block([*context_features(context, topic_words, before_words), final])
 
 
 def label_baseline(
@@ -68,4 +75,6 @@ def label_baseline(
     next_tokens: list[list[str]] | None = None,
 ) -> list[Result]:
     stats.model = "baseline"
-    return computed((baseline_response(c, t) for c, t in zip(contexts, tokens, strict=True)), stats)
+    topic, before = cfg.label.topic_words, cfg.label.before_words
+    rows = zip(contexts, tokens, strict=True)
+    return computed((baseline_response(c, t, topic, before) for c, t in rows), stats)
