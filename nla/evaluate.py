@@ -21,6 +21,8 @@ documents (`_lo`, `_hi`). Series:
       no_context   the gold label without its context lines (Topic, Before): the final token and
                    the subject model's own next-token predictions, exactly
       untrained    the base model with injection and no fine-tuning, as the AV
+    gain_roundtrip_rl_vs_<control>: the RL round trip's FVE minus the control's on the same rows,
+    with a paired interval (the same documents drawn for both: `nla.metrics.bootstrap_gain`)
 
 Collapse diagnostics per AV and set: the share of distinct explanations, the share of the
 explanations' content words that occur in the context, and the share of the most frequent
@@ -56,7 +58,7 @@ from nla.label.backends.baseline import BEFORE, STOPWORDS, TOPIC, context_featur
 from nla.label.backends.grounded import final_feature
 from nla.label.parse import FEATURE_SEP
 from nla.label.prompt import context_of
-from nla.metrics import bootstrap_fve, derangement, mse_nrm, unit
+from nla.metrics import bootstrap_fve, bootstrap_gain, derangement, mse_nrm, unit
 from nla.models import autocast, release_memory, resolve_autocast, resolve_device, resolve_dtype
 from nla.provenance import beside, write_provenance
 from nla.sidecar import read_sidecar, require
@@ -64,6 +66,8 @@ from nla.sidecar import read_sidecar, require
 REQUIRED_CHECKPOINTS = ("av_sft", "ar_sft")
 SETS = {"": "eval", "_foreign": FOREIGN}  # metric-key suffix -> split
 CONTROLS = ("shuffled", "empty", "mean", "const", "copy", "final_only", "no_context", "untrained")
+# (series, control): the round trip's FVE gain over the control on the same rows, with a paired interval
+GAINS = (("roundtrip_rl", "final_only"), ("roundtrip_rl", "copy"), ("roundtrip_rl", "no_context"))
 # What `dvc metrics show` lists for evaluate (short name -> key of the full metrics): the round trips and
 # the two strongest controls, few enough that the whole table fits 160 columns. Every number, these
 # included, goes to the details file under its full name.
@@ -459,6 +463,13 @@ def _metrics(sets: dict[str, _Set], cfg: NLAConfig) -> tuple[dict[str, float], d
             metrics[f"fve_{name}{suffix}_hi"] = hi
             if name.startswith(("ar_gold", "roundtrip")):
                 metrics[f"cos_{name}{suffix}"] = float((1 - mse / 2).mean())  # mse_nrm = 2(1 - cos)
+        for name, control in GAINS:
+            if name in data.mse and control in data.mse:
+                mse, base = data.mse[name].numpy(), data.mse[control].numpy()
+                key = f"gain_{name}_vs_{control}{suffix}"
+                metrics[key], metrics[f"{key}_lo"], metrics[f"{key}_hi"] = bootstrap_gain(
+                    mse, base, data.deviation.numpy(), docs
+                )
         contexts = [context_of(p, cfg.label.context_tokens) for p in rows.prefix]
         gold = rows.explanation.tolist()
         for name, texts in data.texts.items():
@@ -564,6 +575,21 @@ def _write_report(
             for s in sets
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    gains = [(name, control) for name, control in GAINS if f"gain_{name}_vs_{control}" in metrics]
+    if gains:
+        lines += [
+            "",
+            "Paired gains: the round trip's FVE minus the control's on the same rows, 95% CI (same documents drawn).",
+            "",
+        ]
+        lines += ["| gain | " + " | ".join(SETS[s] for s in sets) + " |", "|---|" + "---|" * len(sets)]
+        for name, control in gains:
+            key = f"gain_{name}_vs_{control}"
+            cells = [
+                f"{metrics[key + s]:+.3f} [{metrics[key + s + '_lo']:+.3f}, {metrics[key + s + '_hi']:+.3f}]"
+                for s in sets
+            ]
+            lines.append(f"| {name} − {control} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Collapse diagnostics",

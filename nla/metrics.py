@@ -79,3 +79,15 @@ def bootstrap_fve(
     counts = np.stack([np.bincount(d, minlength=n_groups) for d in draws])  # (R, G) times each group is drawn
     fves = 1 - (counts @ mse_sum) / (counts @ dev_sum)
     return float(1 - mse.mean() / deviation.mean()), float(np.quantile(fves, 0.025)), float(np.quantile(fves, 0.975))
+
+
+def bootstrap_gain(
+    mse: np.ndarray, mse_control: np.ndarray, deviation: np.ndarray, groups: np.ndarray, seed: int = 0
+) -> tuple[float, float, float]:
+    """FVE(mse) − FVE(mse_control) on the same rows, with the paired 95% interval: each resample draws the
+    same documents for both, so the interval is of the difference, not of either FVE.
+
+    FVE_a − FVE_b = −Σ(mse_a − mse_b) / Σ‖u − ū‖², i.e. the FVE of the per-row difference, minus 1.
+    """
+    fve, lo, hi = bootstrap_fve(mse - mse_control, deviation, groups, seed=seed)
+    return fve - 1, lo - 1, hi - 1

@@ -17,6 +17,7 @@ SERIES = (
     "ar_gold_rl",
     "copy",
     "final_only",
+    "no_context",
     "token_only",
     "untrained",
     "shuffled",
@@ -24,6 +25,7 @@ SERIES = (
     "mean",
     "const",
 )
+GAIN_CONTROLS = ("final_only", "copy", "no_context")  # evaluate's paired gains of the RL round trip
 DIAGNOSTICS = ("distinct", "in_context", "top_share", "token_match")
 FEATURES = ("feature1", "feature2", "feature3")  # per label line: `<feature>_distinct`, `<feature>_recall`
 
@@ -40,6 +42,8 @@ SUMMARY = (  # (column, key): the foreign set's headline, the held-out split's, 
     ("round trip SFT", "fve_roundtrip_sft_foreign"),
     ("round trip RL", "fve_roundtrip_rl_foreign"),
     ("final_only", "fve_final_only_foreign"),
+    ("no_context", "fve_no_context_foreign"),
+    ("RL − final_only (paired)", "gain_roundtrip_rl_vs_final_only_foreign"),
     ("RL held-out", "fve_roundtrip_rl"),
     ("final_only held-out", "fve_final_only"),
 )
@@ -90,6 +94,9 @@ def main() -> None:
         print("|---|" + "---|" * len(runs))
         for series in SERIES:
             print(f"| {series} | " + " | ".join(cell(m, f"fve_{series}{suffix}") for m in runs) + " |")
+        for control in GAIN_CONTROLS:
+            key = f"gain_roundtrip_rl_vs_{control}{suffix}"
+            print(f"| roundtrip_rl − {control} (paired) | " + " | ".join(cell(m, key) for m in runs) + " |")
         print(f"\n| collapse diagnostic ({title}) | " + " | ".join(names) + " |")
         print("|---|" + "---|" * len(runs))
         for av in ("sft", "rl", "untrained"):

@@ -137,6 +137,8 @@ def test_evaluate_writes_every_metric_plot_and_sample(embedded_run, tmp_path):
         "fve_copy",
         "fve_final_only",
         "fve_no_context",
+        "gain_roundtrip_rl_vs_final_only",
+        "gain_roundtrip_rl_vs_final_only_lo",
         "token_match_sft",
         "fve_untrained",
         "fve_roundtrip_rl_lo",
@@ -246,6 +248,22 @@ def test_bootstrap_interval_resamples_documents():
     _, lo_docs, hi_docs = bootstrap_fve(per_doc, dev, np.repeat(np.arange(10), 4))
     _, lo_rows, hi_rows = bootstrap_fve(per_doc, dev, np.arange(40))
     assert hi_docs - lo_docs > 1.5 * (hi_rows - lo_rows)
+
+
+def test_paired_gain_is_the_fve_difference_with_a_narrower_interval_than_either_fve():
+    """Rows that vary a lot from document to document, a series better than its control by a steady 0.05:
+    the paired interval of the gain is tight and excludes 0, while the two FVEs' own intervals overlap."""
+    from nla.metrics import bootstrap_fve, bootstrap_gain
+
+    rng = np.random.default_rng(1)
+    docs, dev = np.repeat(np.arange(30), 3), np.ones(90)
+    control = np.repeat(rng.uniform(0.3, 1.0, 30), 3)
+    series = control - 0.05 + rng.normal(0, 0.01, 90)
+    gain, lo, hi = bootstrap_gain(series, control, dev, docs)
+    (fve_a, lo_a, _), (fve_b, _, hi_b) = bootstrap_fve(series, dev, docs), bootstrap_fve(control, dev, docs)
+    assert gain == pytest.approx(fve_a - fve_b) and lo < gain < hi
+    assert lo > 0 and lo_a < hi_b  # the gain is clear, though the FVEs' intervals overlap
+    assert bootstrap_gain(control, control, dev, docs) == pytest.approx((0.0, 0.0, 0.0))
 
 
 def test_feature_stats_pair_lines_last_with_last_and_catch_a_collapsed_topic():
