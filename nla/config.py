@@ -124,9 +124,8 @@ class LabelConfig(Section):
     splits: list[str] = Field(default_factory=lambda: ["av_sft", "ar_sft", "eval", "foreign"])
     context_tokens: int = Field(48, ge=1)  # how much of the prefix the labeler sees
     # The context lines of the grounded and baseline labels: the Topic line's content words and the Before
-    # line's words before the final one (0 drops the line).
-    # (measured on the GPU sweep label_lines: AVs read almost none of a topic line, and the AR's round trip is
-    # highest when the label holds the one word before the final token; reports/explanations.md).
+    # line's words before the final one (0 drops the line). On the GPU sweep label_lines AVs read almost none
+    # of a topic line, and the round trip is highest with the one word before (reports/explanations.md).
     topic_words: int = Field(0, ge=0)
     before_words: int = Field(1, ge=0)
     max_new_tokens: int = Field(48, ge=8)
